@@ -1,0 +1,177 @@
+//! Device classification from the `user-agent` header.
+//!
+//! Order matters: crawlers first (Googlebot's smartphone agent also says
+//! "Android ... Mobile"), then tablets (an Android tablet omits "Mobile"; an
+//! iPad on iPadOS 13+ Safari sends a desktop macOS agent and is classified as
+//! desktop, which is what the server can know), then phones, then desktop.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceClass {
+    Mobile,
+    Tablet,
+    Desktop,
+    Bot,
+}
+
+/// Only the head of the agent is read: real agents are a few hundred bytes,
+/// and the classification must stay cheap for a hostile 60 KiB header.
+const MAX_AGENT_BYTES: usize = 1024;
+
+const BOT_MARKERS: &[&[u8]] = &[
+    b"bot",
+    b"crawler",
+    b"spider",
+    b"slurp",
+    b"facebookexternalhit",
+    b"bingpreview",
+    b"mediapartners-google",
+    b"adsbot",
+    b"apis-google",
+    b"feedfetcher",
+];
+
+const TABLET_MARKERS: &[&[u8]] = &[
+    b"ipad",
+    b"tablet",
+    b"kindle",
+    b"silk/",
+    b"playbook",
+    b"nexus 7",
+    b"nexus 9",
+    b"nexus 10",
+    b"sm-t",
+];
+
+const MOBILE_MARKERS: &[&[u8]] = &[
+    b"mobile",
+    b"iphone",
+    b"ipod",
+    b"android",
+    b"windows phone",
+    b"opera mini",
+    b"blackberry",
+    b"iemobile",
+];
+
+/// Classifies a user agent; a missing or empty agent is a desktop client.
+pub fn classify(user_agent: Option<&[u8]>) -> DeviceClass {
+    let agent = match user_agent {
+        Some(agent) if !agent.is_empty() => agent,
+        // Scripted clients send nothing; treat them like the default cohort.
+        _ => return DeviceClass::Desktop,
+    };
+    let head = agent.get(..MAX_AGENT_BYTES).unwrap_or(agent);
+    if contains_any(head, BOT_MARKERS) {
+        return DeviceClass::Bot;
+    }
+    if contains_any(head, TABLET_MARKERS) {
+        return DeviceClass::Tablet;
+    }
+    // Android tablets drop the "Mobile" token; phones keep it.
+    if contains(head, b"android") && !contains(head, b"mobile") {
+        return DeviceClass::Tablet;
+    }
+    if contains_any(head, MOBILE_MARKERS) {
+        return DeviceClass::Mobile;
+    }
+    DeviceClass::Desktop
+}
+
+fn contains_any(haystack: &[u8], needles: &[&[u8]]) -> bool {
+    needles.iter().any(|needle| contains(haystack, needle))
+}
+
+/// ASCII case-insensitive substring search; `needle` is lower-case.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    haystack.windows(needle.len()).any(|window| {
+        window.first().map(u8::to_ascii_lowercase) == Some(first)
+            && window.eq_ignore_ascii_case(needle)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(agent: &str) -> DeviceClass {
+        classify(Some(agent.as_bytes()))
+    }
+
+    #[test]
+    fn phones_are_mobile() {
+        for agent in [
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+            "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
+            "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Mobile Safari/537.36",
+            "Mozilla/5.0 (Android 14; Mobile; rv:132.0) Gecko/132.0 Firefox/132.0",
+            "Mozilla/5.0 (Linux; Android 13; SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/131.0.6778.73 Mobile/15E148 Safari/604.1",
+        ] {
+            assert_eq!(class(agent), DeviceClass::Mobile, "{agent}");
+        }
+    }
+
+    #[test]
+    fn tablets_are_tablets() {
+        for agent in [
+            "Mozilla/5.0 (iPad; CPU OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
+            "Mozilla/5.0 (Linux; Android 14; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (Linux; Android 9; KFTRWI) AppleWebKit/537.36 (KHTML, like Gecko) Silk/130.2.1 like Chrome/130.0.6723.102 Safari/537.36",
+        ] {
+            assert_eq!(class(agent), DeviceClass::Tablet, "{agent}");
+        }
+    }
+
+    #[test]
+    fn desktop_browsers_are_desktop() {
+        for agent in [
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 14.7; rv:132.0) Gecko/20100101 Firefox/132.0",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0",
+        ] {
+            assert_eq!(class(agent), DeviceClass::Desktop, "{agent}");
+        }
+    }
+
+    #[test]
+    fn crawlers_are_bots_even_when_they_claim_a_phone() {
+        for agent in [
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.6778.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+            "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.2; +https://openai.com/gptbot)",
+            "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
+            "facebookexternalhit/1.1 (+http://www.facebook.com/externalhit_uatext.php)",
+            "Mozilla/5.0 (compatible; Yahoo! Slurp; http://help.yahoo.com/help/us/ysearch/slurp)",
+            "DuckDuckBot/1.1; (+http://duckduckgo.com/duckduckbot.html)",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 14_7_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/14.1.2 Mobile/15E148 Safari/604.1 (compatible; AdsBot-Google-Mobile; +http://www.google.com/mobile/adsbot.html)",
+        ] {
+            assert_eq!(class(agent), DeviceClass::Bot, "{agent}");
+        }
+    }
+
+    #[test]
+    fn missing_empty_and_garbage_agents_do_not_fail() {
+        assert_eq!(classify(None), DeviceClass::Desktop);
+        assert_eq!(classify(Some(b"")), DeviceClass::Desktop);
+        assert_eq!(
+            classify(Some(&[0xff, 0xfe, 0x00, 0x80])),
+            DeviceClass::Desktop
+        );
+        let huge = vec![b'a'; 100_000];
+        assert_eq!(classify(Some(&huge)), DeviceClass::Desktop);
+    }
+
+    #[test]
+    fn only_the_head_of_a_huge_agent_is_read() {
+        let mut agent = vec![b'x'; MAX_AGENT_BYTES];
+        agent.extend_from_slice(b"iPhone");
+        assert_eq!(classify(Some(&agent)), DeviceClass::Desktop);
+    }
+}

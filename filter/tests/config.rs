@@ -1,0 +1,210 @@
+//! Configuration parsing: what is accepted, and that every refusal names the
+//! JSON path and the reason in one line.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use sluice::config::{Config, HostPattern, RuleAction, RuleMatch, Side, StickyKey, ValueTest};
+use sluice::device::DeviceClass;
+
+const EXAMPLE: &str = r#"{
+  "steering_header": "x-sluice-cluster",
+  "services": [{
+    "name": "shop",
+    "match": {"authority": "shop.local", "path_prefix": "/"},
+    "stable": "shop_v1",
+    "canary": "shop_v2",
+    "weight": 10,
+    "sticky": {"header": "x-user-id"},
+    "rules": [
+      {"header": "x-canary", "equals": "always", "to": "canary"},
+      {"header": "x-canary", "equals": "never", "to": "stable"},
+      {"cookie": "beta", "equals": "yes", "to": "canary"},
+      {"device": "mobile", "weight": 50}
+    ]
+  }]
+}"#;
+
+fn refused(json: &str) -> String {
+    match Config::parse(json.as_bytes()) {
+        Ok(config) => panic!("accepted: {config:?}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+fn with_service(fields: &str) -> String {
+    format!(r#"{{"services": [{{"name": "shop", "stable": "v1", "canary": "v2"{fields}}}]}}"#)
+}
+
+#[test]
+fn the_documented_example_parses_to_what_it_says() {
+    let config = Config::parse(EXAMPLE.as_bytes()).unwrap();
+    assert_eq!(config.steering_header, "x-sluice-cluster");
+    let shop = &config.services[0];
+    assert_eq!(shop.name, "shop");
+    assert_eq!(
+        shop.matcher.authorities,
+        vec![HostPattern::Exact("shop.local".into())]
+    );
+    assert_eq!(shop.matcher.path_prefix.as_deref(), Some("/"));
+    assert_eq!(
+        (shop.stable.as_str(), shop.canary.as_deref()),
+        ("shop_v1", Some("shop_v2"))
+    );
+    assert_eq!(shop.weight_bp, 1000);
+    assert_eq!(shop.sticky, Some(StickyKey::Header("x-user-id".into())));
+    assert_eq!(shop.rules.len(), 4);
+    assert_eq!(
+        shop.rules[0].matcher,
+        RuleMatch::Header {
+            name: "x-canary".into(),
+            test: ValueTest::Equals(vec![b"always".to_vec()])
+        }
+    );
+    assert_eq!(shop.rules[1].action, RuleAction::To(Side::Stable));
+    assert_eq!(
+        shop.rules[2].matcher,
+        RuleMatch::Cookie {
+            name: "beta".into(),
+            test: ValueTest::Equals(vec![b"yes".to_vec()])
+        }
+    );
+    assert_eq!(
+        shop.rules[3].matcher,
+        RuleMatch::Device(DeviceClass::Mobile)
+    );
+    assert_eq!(shop.rules[3].action, RuleAction::Weight(5000));
+}
+
+#[test]
+fn defaults_apply_when_keys_are_left_out() {
+    let config = Config::parse(br#"{"services": [{"name": "a", "stable": "a_v1"}]}"#).unwrap();
+    assert_eq!(config.steering_header, "x-sluice-cluster");
+    let service = &config.services[0];
+    assert_eq!(service.canary, None);
+    assert_eq!(service.weight_bp, 0);
+    assert!(service.matcher.authorities.is_empty());
+    assert!(service.rules.is_empty());
+}
+
+#[test]
+fn weights_keep_a_hundredth_of_a_percent() {
+    let config = Config::parse(with_service(r#", "weight": 12.34"#).as_bytes()).unwrap();
+    assert_eq!(config.services[0].weight_bp, 1234);
+    let config = Config::parse(with_service(r#", "weight": 0.01"#).as_bytes()).unwrap();
+    assert_eq!(config.services[0].weight_bp, 1);
+    assert_eq!(
+        refused(&with_service(r#", "weight": 12.345"#)),
+        "services[0].weight: resolution is 0.01 percent, got 12.345"
+    );
+}
+
+#[test]
+fn authorities_are_lower_cased_and_may_be_lists_and_wildcards() {
+    let config = Config::parse(
+        with_service(r#", "match": {"authority": ["Shop.Local", "*.Example.com", "*"]}"#)
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.services[0].matcher.authorities,
+        vec![
+            HostPattern::Exact("shop.local".into()),
+            HostPattern::Suffix(".example.com".into()),
+            HostPattern::Any
+        ]
+    );
+}
+
+#[test]
+fn each_refusal_names_the_path_and_the_reason() {
+    let cases: &[(&str, &str)] = &[
+        ("not json", "invalid JSON: expected ident at line 1 column 2"),
+        ("[]", "must be an object, got a list"),
+        ("{}", "services: is required"),
+        (r#"{"services": []}"#, "services: must list at least one service"),
+        (r#"{"services": {}}"#, "services: must be a list, got an object"),
+        (&with_service(r#", "weight": 150"#), "services[0].weight: must be between 0 and 100, got 150"),
+        (&with_service(r#", "weight": -1"#), "services[0].weight: must be between 0 and 100, got -1"),
+        (&with_service(r#", "weight": "10""#), "services[0].weight: must be a number, got a string"),
+        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: canary, match, name, rules, stable, sticky, weight)"),
+        (r#"{"services": [{"stable": "v1"}]}"#, "services[0].name: is required"),
+        (r#"{"services": [{"name": "a"}]}"#, "services[0].stable: is required"),
+        (r#"{"services": [{"name": "", "stable": "v1"}]}"#, "services[0].name: must not be empty"),
+        (r#"{"services": [{"name": "a.b", "stable": "v1"}]}"#, "services[0].name: \"a.b\" must be 1 to 64 letters, digits, '_' or '-' (it names metrics)"),
+        (r#"{"services": [{"name": "a", "stable": "v1"}, {"name": "a", "stable": "v2"}]}"#, "services[1].name: duplicate service name \"a\""),
+        (r#"{"services": [{"name": "a", "stable": "v1", "canary": "v1"}]}"#, "services[0].canary: must differ from stable"),
+        (r#"{"services": [{"name": "a", "stable": "v1", "weight": 5}]}"#, "services[0].weight: needs a canary cluster to send traffic to"),
+        (r#"{"services": [{"name": "a", "stable": "has space"}]}"#, "services[0].stable: \"has space\" is not a cluster name (visible ASCII, no spaces)"),
+        (r#"{"steering_header": "", "services": [{"name": "a", "stable": "v1"}]}"#, "steering_header: must not be empty"),
+        (r#"{"steering_header": "bad header", "services": [{"name": "a", "stable": "v1"}]}"#, "steering_header: \"bad header\" is not a valid header name"),
+        (r#"{"steering_header": ":path", "services": [{"name": "a", "stable": "v1"}]}"#, "steering_header: must not be a pseudo-header"),
+        (&with_service(r#", "match": {"authority": "shop.local:8080"}"#), "services[0].match.authority: \"shop.local:8080\" is not a host name (the port is ignored: name the host alone)"),
+        (&with_service(r#", "match": {"authority": ["ok.local", "a*b.local"]}"#), "services[0].match.authority[1]: \"a*b.local\" is not a host name (a wildcard is allowed only as a leading \"*.\")"),
+        (&with_service(r#", "match": {"authority": []}"#), "services[0].match.authority: must not be an empty list"),
+        (&with_service(r#", "match": {"path_prefix": "api"}"#), "services[0].match.path_prefix: must start with \"/\", got \"api\""),
+        (&with_service(r#", "match": {"host": "x"}"#), "services[0].match.host: unknown key (expected one of: authority, path_prefix)"),
+        (&with_service(r#", "sticky": {}"#), "services[0].sticky: needs exactly one of \"header\" or \"cookie\""),
+        (&with_service(r#", "sticky": {"header": ""}"#), "services[0].sticky.header: must not be empty"),
+        (&with_service(r#", "rules": [{"header": "x", "to": "canary"}]"#), "services[0].rules[0]: needs exactly one test: \"equals\", \"prefix\", \"contains\" or \"present\""),
+        (&with_service(r#", "rules": [{"header": "x", "equals": "a", "prefix": "b", "to": "canary"}]"#), "services[0].rules[0]: needs exactly one test: \"equals\", \"prefix\", \"contains\" or \"present\""),
+        (&with_service(r#", "rules": [{"header": "x", "equals": "a"}]"#), "services[0].rules[0]: needs exactly one action: \"to\" or \"weight\""),
+        (&with_service(r#", "rules": [{"header": "x", "equals": "a", "to": "blue"}]"#), "services[0].rules[0].to: must be \"canary\" or \"stable\", got \"blue\""),
+        (&with_service(r#", "rules": [{"device": "phone", "to": "canary"}]"#), "services[0].rules[0].device: must be one of \"mobile\", \"tablet\", \"desktop\", \"bot\", got \"phone\""),
+        (&with_service(r#", "rules": [{"device": "mobile", "weight": 101}]"#), "services[0].rules[0].weight: must be between 0 and 100, got 101"),
+        (&with_service(r#", "rules": [{"cookie": "b", "equals": [], "to": "canary"}]"#), "services[0].rules[0].equals: must not be an empty list"),
+        (&with_service(r#", "rules": [{"cookie": "b", "equals": ["x", 1], "to": "canary"}]"#), "services[0].rules[0].equals[1]: must be a string, got a number"),
+        (&with_service(r#", "rules": [{"cookie": "b", "contains": "", "to": "canary"}]"#), "services[0].rules[0].contains: an empty string would match every value; use \"present\": true"),
+        (&with_service(r#", "rules": [{"header": "x", "equals": "a", "to": "canary", "extra": 1}]"#), "services[0].rules[0].extra: unknown key (expected one of: contains, cookie, device, equals, header, prefix, present, to, weight)"),
+        (&with_service(r#", "rules": [{"header": "x-sluice-cluster", "present": true, "to": "canary"}]"#), "services[0]: reads the steering header \"x-sluice-cluster\", which the filter removes from every request"),
+        (r#"{"services": [{"name": "a", "stable": "v1", "rules": [{"header": "x", "equals": "1", "to": "canary"}]}]}"#, "services[0].rules[0].to: the service has no canary cluster"),
+        (r#"{"services": [{"name": "a", "stable": "v1"}], "extra": true}"#, "extra: unknown key (expected one of: services, steering_header)"),
+        (r#"{"services": [{"name": "a", "stable": "v1"}], "bad key\n": true}"#, "\"bad key\\n\": unknown key (expected one of: services, steering_header)"),
+    ];
+    for (json, expected) in cases {
+        assert_eq!(&refused(json), expected, "for {json}");
+        assert!(!refused(json).contains('\n'), "one line for {json}");
+    }
+}
+
+#[test]
+fn hostile_config_values_are_refused_with_a_bounded_message() {
+    let long = "x".repeat(100_000);
+    let message = refused(&with_service(&format!(r#", "weight": "{long}""#)));
+    assert!(message.len() < 200, "{message}");
+    let message = refused(&with_service(&format!(
+        r#", "rules": [{{"device": "{long}", "to": "canary"}}]"#
+    )));
+    assert!(message.len() < 300, "{}", message.len());
+    assert!(Config::parse(&[0xff, 0xfe]).is_err());
+    assert!(Config::parse(b"").is_err());
+}
+
+#[test]
+fn the_summary_names_every_service() {
+    let config = Config::parse(EXAMPLE.as_bytes()).unwrap();
+    assert_eq!(
+        config.summary(),
+        "1 services via header x-sluice-cluster: shop (stable=shop_v1 canary=shop_v2 weight=10%, 4 rules)"
+    );
+}
+
+#[test]
+fn huge_names_are_refused_with_a_bounded_message() {
+    let long = "y".repeat(100_000);
+    for json in [
+        format!(
+            r#"{{"steering_header": "{long} ", "services": [{{"name": "a", "stable": "v1"}}]}}"#
+        ),
+        format!(r#"{{"services": [{{"name": "{long}", "stable": "v1"}}]}}"#),
+        format!(r#"{{"services": [{{"name": "a", "stable": "{long}"}}]}}"#),
+        with_service(&format!(r#", "match": {{"authority": "{long}"}}"#)),
+        with_service(&format!(r#", "sticky": {{"cookie": "{long}"}}"#)),
+    ] {
+        let message = refused(&json);
+        assert!(message.len() < 300, "{}", &message[..300]);
+    }
+}
