@@ -5,8 +5,11 @@
 //! parsing. Any problem refuses the whole document with one line naming the
 //! JSON path and the reason; nothing is half-applied.
 
+use crate::breaker::{self, BreakerConfig};
 use crate::device::DeviceClass;
 use crate::json::{error, quote, ConfigError, Node, Obj, Result};
+use crate::retry::{self, RetryPolicy};
+use crate::rollout::{self, RolloutConfig};
 
 /// Default header the filter writes the chosen cluster into.
 pub const DEFAULT_STEERING_HEADER: &str = "x-sluice-cluster";
@@ -30,6 +33,9 @@ pub struct Service {
     pub weight_bp: u16,
     pub sticky: Option<StickyKey>,
     pub rules: Vec<Rule>,
+    pub retry: Option<RetryPolicy>,
+    pub breaker: Option<BreakerConfig>,
+    pub rollout: Option<RolloutConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -224,7 +230,9 @@ fn parse_service(node: &Node) -> Result<Service> {
         }
         None => None,
     };
-    let weight_bp = match object.optional("weight") {
+    let weight_node = object.optional("weight");
+    let object_has_weight = weight_node.is_some();
+    let weight_bp = match weight_node {
         Some(node) => weight(&node)?,
         None => 0,
     };
@@ -252,6 +260,26 @@ fn parse_service(node: &Node) -> Result<Service> {
             "too many rules (at most 1000)",
         );
     }
+    let retry = match object.optional("retry") {
+        Some(node) => Some(retry::parse(&node)?),
+        None => None,
+    };
+    let breaker = match object.optional("breaker") {
+        Some(node) => Some(breaker::parse(&node)?),
+        None => None,
+    };
+    let rollout = match object.optional("rollout") {
+        Some(node) => {
+            if object_has_weight {
+                return node.fail("a service has either \"weight\" or \"rollout\", not both");
+            }
+            if canary.is_none() {
+                return node.fail("needs a canary cluster to roll out");
+            }
+            Some(rollout::parse(&node)?)
+        }
+        None => None,
+    };
     object.finish()?;
     Ok(Service {
         name,
@@ -261,6 +289,9 @@ fn parse_service(node: &Node) -> Result<Service> {
         weight_bp,
         sticky,
         rules,
+        retry,
+        breaker,
+        rollout,
     })
 }
 

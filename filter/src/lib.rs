@@ -7,9 +7,12 @@
 //! only for wasm32) is a thin shell that fetches inputs from Envoy, calls the
 //! policy, and writes the decision back.
 
+pub mod breaker;
 pub mod config;
 pub mod device;
 pub mod json;
+pub mod retry;
+pub mod rollout;
 pub mod router;
 pub mod shared;
 pub mod sticky;

@@ -139,12 +139,17 @@ impl Router {
     /// Decides where a request goes.
     ///
     /// `weight_bp` is the service's current canary weight (the configured
-    /// one, or the rollout's), `random` a fresh random word used when the
-    /// request carries no sticky key.
+    /// one, or the rollout's). `cohort_weights` is false when percentage
+    /// traffic has been withdrawn from the canary (a rolled-back rollout):
+    /// cohort `weight` rules then send nobody to canary, while explicit
+    /// `to: canary` rules still do, so engineers can reach the canary they
+    /// are debugging. `random` is a fresh random word, used when the request
+    /// carries no sticky key.
     pub fn decide(
         &self,
         service_index: usize,
         weight_bp: u16,
+        cohort_weights: bool,
         request: &mut impl RequestHeaders,
         random: u64,
     ) -> Decision {
@@ -169,7 +174,9 @@ impl Router {
                             rule: deciding_rule,
                         }
                     }
-                    RuleAction::Weight(weight) => chosen_weight = weight,
+                    RuleAction::Weight(weight) => {
+                        chosen_weight = if cohort_weights { weight } else { 0 }
+                    }
                 }
                 break;
             }

@@ -130,7 +130,7 @@ fn each_refusal_names_the_path_and_the_reason() {
         (&with_service(r#", "weight": 150"#), "services[0].weight: must be between 0 and 100, got 150"),
         (&with_service(r#", "weight": -1"#), "services[0].weight: must be between 0 and 100, got -1"),
         (&with_service(r#", "weight": "10""#), "services[0].weight: must be a number, got a string"),
-        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: canary, match, name, rules, stable, sticky, weight)"),
+        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: breaker, canary, match, name, retry, rollout, rules, stable, sticky, weight)"),
         (r#"{"services": [{"stable": "v1"}]}"#, "services[0].name: is required"),
         (r#"{"services": [{"name": "a"}]}"#, "services[0].stable: is required"),
         (r#"{"services": [{"name": "", "stable": "v1"}]}"#, "services[0].name: must not be empty"),
@@ -207,4 +207,38 @@ fn huge_names_are_refused_with_a_bounded_message() {
         let message = refused(&json);
         assert!(message.len() < 300, "{}", &message[..300]);
     }
+}
+
+#[test]
+fn rollout_excludes_a_fixed_weight_and_needs_a_canary() {
+    let rollout = r#""rollout": {"steps": [5, 50, 100], "step_s": 60, "max_failure_rate": 0.02}"#;
+    assert!(Config::parse(with_service(&format!(", {rollout}")).as_bytes()).is_ok());
+    assert_eq!(
+        refused(&with_service(&format!(r#", "weight": 5, {rollout}"#))),
+        "services[0].rollout: a service has either \"weight\" or \"rollout\", not both"
+    );
+    assert_eq!(
+        refused(&format!(
+            r#"{{"services": [{{"name": "a", "stable": "v1", {rollout}}}]}}"#
+        )),
+        "services[0].rollout: needs a canary cluster to roll out"
+    );
+}
+
+#[test]
+fn nested_blocks_report_their_own_paths() {
+    assert_eq!(
+        refused(&with_service(r#", "retry": {"budget": {"ratio": 2}}"#)),
+        "services[0].retry.budget.ratio: must be between 0 and 1, got 2"
+    );
+    assert!(
+        refused(&with_service(r#", "retry": {"retry_on": "5xx,teapot"}"#))
+            .starts_with("services[0].retry.retry_on: ")
+    );
+    assert!(refused(&with_service(
+        r#", "breaker": {"open_ms": 10, "max_open_ms": 5}"#
+    ))
+    .starts_with("services[0].breaker.max_open_ms: "));
+    assert!(refused(&with_service(r#", "breaker": {"typo": 1}"#))
+        .starts_with("services[0].breaker.typo: unknown key"));
 }

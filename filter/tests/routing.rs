@@ -40,7 +40,7 @@ fn route(
     let path = headers.0.get(":path").cloned();
     let index = router.find_service(authority.as_deref(), path.as_deref())?;
     let weight = router.services()[index].weight_bp;
-    match router.decide(index, weight, &mut headers, random) {
+    match router.decide(index, weight, true, &mut headers, random) {
         Decision::Routed {
             service,
             side,
@@ -368,4 +368,35 @@ fn weights_zero_and_hundred_are_absolute() {
             assert_eq!(route(&router, headers, user).unwrap().1, expected);
         }
     }
+}
+
+#[test]
+fn withdrawn_cohort_weights_send_nobody_but_explicit_rules_still_reach_canary() {
+    let router = router(SHOP);
+    for user in 0..2_000 {
+        let mut mobile = shop(
+            Headers::default()
+                .with("x-user-id", format!("{user}"))
+                .with("user-agent", IPHONE),
+        );
+        let decision = router.decide(0, 0, false, &mut mobile, user);
+        assert_eq!(
+            decision,
+            Decision::Routed {
+                service: 0,
+                side: Side::Stable,
+                rule: Some(3)
+            }
+        );
+    }
+    let mut tester = shop(Headers::default().with("x-canary", "always"));
+    let decision = router.decide(0, 0, false, &mut tester, 0);
+    assert_eq!(
+        decision,
+        Decision::Routed {
+            service: 0,
+            side: Side::Canary,
+            rule: Some(0)
+        }
+    );
 }

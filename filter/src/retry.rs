@@ -1,0 +1,830 @@
+//! Retry governance: how many retries a request may have, and the retry
+//! budget that bounds them across the whole proxy.
+//!
+//! Envoy's router executes retries inside itself; a filter never sees the
+//! individual attempts. So Sluice decides up front, in the request headers:
+//! it writes `x-envoy-max-retries` (and the retry conditions and timeouts),
+//! overwriting whatever the client sent, and learns at the end of the request
+//! how many attempts the router made (`upstream.request_attempt_count`).
+//!
+//! # The budget
+//!
+//! Like Finagle's and Linkerd's retry budgets (and tower's `TpsBudget`), the
+//! retries of a window may be at most `ratio` of its requests, plus a reserve
+//! of `min_per_s` per second so that a quiet service can still retry. Because
+//! the decision is made before any attempt, the filter cannot withdraw a token
+//! per retry as it happens; instead a request RESERVES its retries when it
+//! starts and gives back the unused ones when it ends (`settle`). Reserving is
+//! what makes the bound exact: every retry the router may still make is
+//! already paid for, so however many requests are in flight when an upstream
+//! goes down, they cannot retry more than the balance allowed.
+//!
+//! Accounting is per second of wall time, in a ring of `window_s` slots: a
+//! slot holds the requests deposited, the retries charged (reserved, net of
+//! refunds) and the reservations still open in that second. A slot leaves the
+//! window `window_s` seconds later, taking its deposits and its charges with
+//! it; so a reservation leaked by a VM that died (and never settled) expires
+//! by itself, and after an outage the balance is back to at least the reserve
+//! one window later. The state is a few hundred bytes in shared data, updated
+//! with CAS so that every worker of the proxy draws from ONE budget; each
+//! update touches at most `window_s` slots, whatever the uptime.
+//!
+//! ## The bound, exactly
+//!
+//! Write, per second `s`: `w_s` the retries charged, `d_s = ratio × requests`,
+//! `r = min_per_s`, `W = window_s`. A grant is made only while the window's
+//! balance `Σ (d_s + r − w_s)` stays ≥ 0 after it. It follows (by induction on
+//! the last charged second) that for ANY interval of seconds `[a, b]`:
+//!
+//! ```text
+//! retries(a..=b) ≤ ratio × requests(a−W+1 ..= b) + min_per_s × (b − a + W)
+//! ```
+//!
+//! that is, `ratio` of the interval's requests, plus the reserve over the
+//! interval, plus the balance saved up in the `W − 1` seconds before it. Over
+//! an outage, attempts/requests ≤ 1 + ratio + min_per_s/rps + slack, where the
+//! slack is that saved-up balance (at most `min_per_s × (W − 1)` and `ratio`
+//! of the preceding `W − 1` seconds' requests), which amortises away as the
+//! outage lasts. Two more documented effects on the bound:
+//! - retries are charged to the second they were GRANTED; the router runs
+//!   them within the request's lifetime (capped by the upstream timeout), so
+//!   on execution time the bound holds shifted by at most that timeout;
+//! - a lost CAS race grants nothing and a lost settle refunds nothing: both
+//!   only lower the retries. A fresh state (first use, unreadable bytes, a
+//!   changed budget block, a clock stepped back by more than a window) starts
+//!   at the reserve, forgetting charges still in the window: one extra reserve.
+//!
+//! ## Healthy traffic under high concurrency
+//!
+//! Reserving holds `max_retries` tokens per request in flight, though a
+//! healthy request uses almost none; with many slow requests in flight the
+//! reservations alone can empty the balance and starve the rare failure of
+//! its retry. Granting without reserving while the balance is high cannot
+//! keep the bound exact (nothing would pay for the retries of the requests
+//! already in flight when the outage starts), so every grant is reserved and
+//! the tokens are rationed instead. The first retry carries almost all the
+//! value (at a 10 % failure rate one retry leaves 99 % succeeding, a second
+//! 99.9 %), so a request gets its first retry while any whole token is left,
+//! and its deeper retries only from the balance above a cushion of a quarter
+//! token per open reservation, which keeps first retries for the requests
+//! that will arrive before those reservations are settled. When tokens are
+//! plentiful this changes nothing. Each slot counts its open reservations;
+//! settling closes them, and leaked ones leave with their slot.
+//!
+//! Exactness has a price that no rationing removes: every request in flight
+//! holds at least one token. The balance, `ratio × window_s` seconds of
+//! traffic plus the reserve, must cover the retries used in a window plus one
+//! token per request in flight, roughly `ratio × window_s ≥ failure rate ×
+//! window_s + time to response headers`. With the defaults (2 s of traffic)
+//! and 10 % failures, that holds up to about 0.9 s to response headers;
+//! slower services need a longer window or a higher ratio. Settling as soon as
+//! the response headers arrive (not at the end of the stream) keeps
+//! reservations short; see `settle`.
+//!
+//! # Deadlines
+//!
+//! A client deadline (`grpc-timeout`, or the configured `deadline_header` in
+//! milliseconds) can only LOWER the upstream timeout, to `min(deadline,
+//! timeout_ms)`; without `timeout_ms` the route's own timeout (unknown to the
+//! filter) stands, since writing the client's value could raise it. With a
+//! per-try timeout `p`, no retry is granted that could not finish inside the
+//! deadline `d`: at most `max(1, floor(d / p))` attempts. Without a per-try
+//! timeout an attempt has no bound of its own, so none can be ruled out: the
+//! retries are granted as usual, Envoy's upstream timeout (which covers every
+//! attempt) stops them at the deadline, and the unused reservation is
+//! refunded. Hostile values (garbage, signs, more than 8 gRPC digits,
+//! overflow) are ignored, as if no deadline had been sent.
+
+use crate::json::{quote, Node, Result};
+use crate::sticky::mix;
+
+/// Envoy's retry conditions for `x-envoy-retry-on`.
+pub const HTTP_POLICIES: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+];
+
+/// Envoy's gRPC retry conditions. Envoy reads these from a separate header,
+/// `x-envoy-retry-grpc-on` (in `x-envoy-retry-on` they are ignored), so the
+/// configured list is split in two.
+pub const GRPC_POLICIES: &[&str] = &[
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+pub const DEFAULT_RETRY_ON: &str = "5xx,reset,connect-failure,refused-stream";
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+pub const MAX_MAX_RETRIES: u64 = 10;
+/// An hour: beyond that, a "timeout" is a misconfiguration.
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+pub const MAX_PER_TRY_TIMEOUT_MS: u64 = 600_000;
+pub const DEFAULT_RATIO_PPM: u32 = 200_000;
+pub const DEFAULT_MIN_PER_S: u32 = 10;
+pub const DEFAULT_WINDOW_S: u32 = 10;
+pub const MAX_MIN_PER_S: u64 = 100_000;
+pub const MAX_WINDOW_S: u64 = 60;
+
+/// The request headers the filter owns; see `request_headers`.
+pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
+pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
+pub const RETRY_GRPC_ON_HEADER: &str = "x-envoy-retry-grpc-on";
+pub const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
+/// With it, a per-try timeout starts a parallel attempt instead of replacing
+/// the slow one: more load at the worst moment, at the client's request.
+pub const HEDGE_HEADER: &str = "x-envoy-hedge-on-per-try-timeout";
+/// Envoy takes the timeout from this header instead of ours when the router
+/// sets `respect_expected_rq_timeout`.
+pub const EXPECTED_TIMEOUT_HEADER: &str = "x-envoy-expected-rq-timeout-ms";
+/// These widen the retry conditions; the route's own lists still apply.
+pub const RETRIABLE_STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes";
+pub const RETRIABLE_HEADER_NAMES_HEADER: &str = "x-envoy-retriable-header-names";
+pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
+
+/// The Envoy property holding the attempts the router made (8-byte LE uint).
+pub const ATTEMPT_COUNT_PROPERTY: &[&str] = &["upstream", "request_attempt_count"];
+
+/// A service's retry policy, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    /// The HTTP conditions for `x-envoy-retry-on`, comma-separated; empty
+    /// when only gRPC conditions are configured.
+    pub retry_on: String,
+    /// The gRPC conditions for `x-envoy-retry-grpc-on`; often empty.
+    pub retry_grpc_on: String,
+    pub per_try_timeout_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub budget: Budget,
+    /// Lower-cased; `grpc-timeout` is always read as well.
+    pub deadline_header: Option<String>,
+}
+
+/// The budget parameters. The ratio is kept in millionths so that the
+/// accounting is integer and the bound exact (0.2 → 200_000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub ratio_ppm: u32,
+    pub min_per_s: u32,
+    pub window_s: u32,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            ratio_ppm: DEFAULT_RATIO_PPM,
+            min_per_s: DEFAULT_MIN_PER_S,
+            window_s: DEFAULT_WINDOW_S,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: DEFAULT_MAX_RETRIES,
+            retry_on: DEFAULT_RETRY_ON.to_string(),
+            retry_grpc_on: String::new(),
+            per_try_timeout_ms: None,
+            timeout_ms: None,
+            budget: Budget::default(),
+            deadline_header: None,
+        }
+    }
+}
+
+/// Parses a service's `retry` block.
+pub fn parse(node: &Node) -> Result<RetryPolicy> {
+    let mut object = node.object()?;
+    let max_retries = match object.optional("max_retries") {
+        // In range by the check: 0..=10 fits a u32.
+        Some(node) => node.integer_in(0, MAX_MAX_RETRIES)? as u32,
+        None => DEFAULT_MAX_RETRIES,
+    };
+    let (retry_on, retry_grpc_on) = match object.optional("retry_on") {
+        Some(node) => match split_retry_on(node.string()?) {
+            Ok(lists) => lists,
+            Err(reason) => return node.fail(reason),
+        },
+        None => (DEFAULT_RETRY_ON.to_string(), String::new()),
+    };
+    let timeout_ms = match object.optional("timeout_ms") {
+        Some(node) => Some(node.integer_in(1, MAX_TIMEOUT_MS)?),
+        None => None,
+    };
+    let per_try_timeout_ms = match object.optional("per_try_timeout_ms") {
+        Some(node) => {
+            let per_try = node.integer_in(1, MAX_PER_TRY_TIMEOUT_MS)?;
+            if let Some(timeout) = timeout_ms.filter(|&timeout| per_try > timeout) {
+                return node.fail(format!(
+                    "must not exceed timeout_ms ({timeout}), got {per_try}"
+                ));
+            }
+            Some(per_try)
+        }
+        None => None,
+    };
+    let budget = match object.optional("budget") {
+        Some(node) => parse_budget(&node)?,
+        None => Budget::default(),
+    };
+    let deadline_header = match object.optional("deadline_header") {
+        Some(node) => Some(deadline_header_name(&node)?),
+        None => None,
+    };
+    object.finish()?;
+    Ok(RetryPolicy {
+        max_retries,
+        retry_on,
+        retry_grpc_on,
+        per_try_timeout_ms,
+        timeout_ms,
+        budget,
+        deadline_header,
+    })
+}
+
+fn parse_budget(node: &Node) -> Result<Budget> {
+    let mut object = node.object()?;
+    let ratio_ppm = match object.optional("ratio") {
+        // 0..=1 by the check, so 0..=1_000_000 after scaling.
+        Some(node) => (node.number_in(0.0, 1.0)? * 1e6).round() as u32,
+        None => DEFAULT_RATIO_PPM,
+    };
+    let min_per_s = match object.optional("min_per_s") {
+        Some(node) => node.integer_in(0, MAX_MIN_PER_S)? as u32,
+        None => DEFAULT_MIN_PER_S,
+    };
+    let window_s = match object.optional("window_s") {
+        Some(node) => node.integer_in(1, MAX_WINDOW_S)? as u32,
+        None => DEFAULT_WINDOW_S,
+    };
+    object.finish()?;
+    Ok(Budget {
+        ratio_ppm,
+        min_per_s,
+        window_s,
+    })
+}
+
+/// Splits Envoy's comma-separated grammar into the HTTP and the gRPC lists.
+/// Envoy ignores an unknown condition silently; here it is refused, since a
+/// typo (`5xxx`) would otherwise disable retries without a word.
+fn split_retry_on(text: &str) -> std::result::Result<(String, String), String> {
+    let mut http: Vec<&str> = Vec::new();
+    let mut grpc: Vec<&str> = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim_matches([' ', '\t']);
+        if item.is_empty() {
+            return Err(format!(
+                "has an empty condition in {} (a comma-separated list of Envoy retry conditions)",
+                quote(text)
+            ));
+        }
+        if http.contains(&item) || grpc.contains(&item) {
+            return Err(format!("lists {} twice", quote(item)));
+        }
+        if HTTP_POLICIES.contains(&item) {
+            http.push(item);
+        } else if GRPC_POLICIES.contains(&item) {
+            grpc.push(item);
+        } else {
+            return Err(format!(
+                "unknown retry condition {} (expected Envoy's: {}, or for gRPC: {})",
+                quote(item),
+                HTTP_POLICIES.join(", "),
+                GRPC_POLICIES.join(", ")
+            ));
+        }
+    }
+    Ok((http.join(","), grpc.join(",")))
+}
+
+fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+fn deadline_header_name(node: &Node) -> Result<String> {
+    let name = node.non_empty_string()?;
+    if name.len() > 256 || !name.bytes().all(is_token_byte) {
+        return node.fail(format!("{} is not a valid header name", quote(name)));
+    }
+    let name = name.to_ascii_lowercase();
+    if name == GRPC_TIMEOUT_HEADER {
+        return node.fail("must not be \"grpc-timeout\", which is always read (in gRPC's format)");
+    }
+    if OWNED_HEADERS.contains(&name.as_str()) {
+        return node.fail(format!(
+            "must not be {}, which the filter overwrites",
+            quote(&name)
+        ));
+    }
+    Ok(name)
+}
+
+const OWNED_HEADERS: [&str; 9] = [
+    MAX_RETRIES_HEADER,
+    RETRY_ON_HEADER,
+    RETRY_GRPC_ON_HEADER,
+    TIMEOUT_HEADER,
+    PER_TRY_TIMEOUT_HEADER,
+    HEDGE_HEADER,
+    EXPECTED_TIMEOUT_HEADER,
+    RETRIABLE_STATUS_CODES_HEADER,
+    RETRIABLE_HEADER_NAMES_HEADER,
+];
+
+// ---------------------------------------------------------------- deadlines
+
+/// The client's deadline in milliseconds, from `grpc-timeout` and from the
+/// configured deadline header; the stricter when both are sent. Unreadable
+/// values count as absent.
+pub fn client_deadline_ms(
+    grpc_timeout: Option<&[u8]>,
+    deadline_header: Option<&[u8]>,
+) -> Option<u64> {
+    let grpc = grpc_timeout.and_then(parse_grpc_timeout);
+    let header = deadline_header.and_then(parse_millis);
+    match (grpc, header) {
+        (Some(grpc), Some(header)) => Some(grpc.min(header)),
+        (grpc, header) => grpc.or(header),
+    }
+}
+
+/// gRPC's `TimeoutValue TimeoutUnit`: 1 to 8 ASCII digits, then one of
+/// `H M S m u n`. Rounded down to whole milliseconds.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<u64> {
+    let (&unit, digits) = trim(value).split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // At most 99_999_999: no overflow below, even in hours (3.6e14 ms).
+    let amount = digits
+        .iter()
+        .fold(0u64, |total, &digit| total * 10 + u64::from(digit - b'0'));
+    match unit {
+        b'H' => Some(amount * 3_600_000),
+        b'M' => Some(amount * 60_000),
+        b'S' => Some(amount * 1_000),
+        b'm' => Some(amount),
+        b'u' => Some(amount / 1_000),
+        b'n' => Some(amount / 1_000_000),
+        _ => None,
+    }
+}
+
+/// A plain decimal count of milliseconds; no sign, no exponent, no overflow.
+pub fn parse_millis(value: &[u8]) -> Option<u64> {
+    let digits = trim(value);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |total, &digit| {
+        total.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |last| last + 1);
+    bytes.get(start..end).unwrap_or_default()
+}
+
+// -------------------------------------------------------------------- plan
+
+/// What one request may have, before the budget is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Retries wanted: the policy's, cut by the deadline. The budget may
+    /// grant fewer; pass this to `reserve` as `wanted`.
+    pub max_retries: u32,
+    /// For `x-envoy-upstream-rq-timeout-ms`; `None`: remove the header.
+    pub timeout_ms: Option<u64>,
+    /// For `x-envoy-upstream-rq-per-try-timeout-ms`; `None`: remove it.
+    pub per_try_timeout_ms: Option<u64>,
+    /// The client's deadline lowered the retries (a metric).
+    pub deadline_cut: bool,
+}
+
+/// The per-request plan from the policy and the client's deadline.
+pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
+    // Envoy reads a timeout of 0 as "no timeout": an expired deadline
+    // ("0n") must become the shortest timeout, not an infinite one.
+    let deadline = deadline_ms.map(|deadline| deadline.max(1));
+    let timeout_ms = match (policy.timeout_ms, deadline) {
+        (Some(timeout), Some(deadline)) => Some(timeout.min(deadline)),
+        (timeout, _) => timeout,
+    };
+    let mut max_retries = policy.max_retries;
+    let mut deadline_cut = false;
+    if let (Some(deadline), Some(per_try)) = (deadline, policy.per_try_timeout_ms) {
+        let attempts = (deadline / per_try.max(1)).max(1);
+        let fit = u32::try_from(attempts - 1).unwrap_or(u32::MAX);
+        if fit < max_retries {
+            max_retries = fit;
+            deadline_cut = true;
+        }
+    }
+    Plan {
+        max_retries,
+        timeout_ms,
+        per_try_timeout_ms: policy.per_try_timeout_ms,
+        deadline_cut,
+    }
+}
+
+/// Every request header the filter owns, with the value to write, or `None`
+/// to remove it. Apply ALL of them to every request of the service: the
+/// client's values must never reach the router, whatever they say.
+pub fn request_headers(
+    policy: &RetryPolicy,
+    plan: &Plan,
+    granted: u32,
+) -> [(&'static str, Option<String>); 9] {
+    let non_empty = |list: &str| (!list.is_empty()).then(|| list.to_string());
+    [
+        (
+            MAX_RETRIES_HEADER,
+            Some(granted.min(plan.max_retries).to_string()),
+        ),
+        (RETRY_ON_HEADER, non_empty(&policy.retry_on)),
+        (RETRY_GRPC_ON_HEADER, non_empty(&policy.retry_grpc_on)),
+        (TIMEOUT_HEADER, plan.timeout_ms.map(|ms| ms.to_string())),
+        (
+            PER_TRY_TIMEOUT_HEADER,
+            plan.per_try_timeout_ms.map(|ms| ms.to_string()),
+        ),
+        (HEDGE_HEADER, None),
+        (EXPECTED_TIMEOUT_HEADER, None),
+        (RETRIABLE_STATUS_CODES_HEADER, None),
+        (RETRIABLE_HEADER_NAMES_HEADER, None),
+    ]
+}
+
+/// The attempts from the `upstream.request_attempt_count` property bytes.
+pub fn attempts_from_property(bytes: Option<&[u8]>) -> Option<u64> {
+    let bytes: [u8; 8] = bytes?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+// ------------------------------------------------------------------ budget
+
+/// Budget units per retry token: deposits are `ratio_ppm` units a request.
+pub const TOKEN: u64 = 1_000_000;
+
+const STATE_VERSION: u8 = 1;
+/// version, window, epoch (8), head second (8).
+const HEADER_LEN: usize = 18;
+/// requests, retries, open: three u32.
+const SLOT_LEN: usize = 12;
+
+/// One second of the window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slot {
+    /// Requests deposited.
+    requests: u32,
+    /// Retries charged: reserved, minus the refunds.
+    retries: u32,
+    /// Reservations not settled yet (for the cushion).
+    open: u32,
+}
+
+/// The shared state of one service's budget: a ring of per-second slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetState {
+    /// When this state was created (ms); a refund only goes to the state it
+    /// was taken from, never to a successor that reuses the slots.
+    epoch: u64,
+    /// The newest second; the window is `head − W + 1 ..= head`.
+    head: u64,
+    /// Indexed by `second % W`.
+    slots: Vec<Slot>,
+}
+
+impl BudgetState {
+    pub fn fresh(budget: &Budget, now_ms: u64) -> Self {
+        BudgetState {
+            epoch: now_ms,
+            head: now_ms / 1000,
+            slots: vec![Slot::default(); budget.window_s.max(1) as usize],
+        }
+    }
+
+    /// Reads the state and brings it to `now_ms`. Anything unreadable (a
+    /// different version or window, a wrong length, a head far in the
+    /// future) gives a fresh state: garbage must never stop requests.
+    pub fn decode(bytes: Option<&[u8]>, budget: &Budget, now_ms: u64) -> Self {
+        let mut state = bytes
+            .and_then(|bytes| Self::parse(bytes, budget, now_ms))
+            .unwrap_or_else(|| Self::fresh(budget, now_ms));
+        state.advance(now_ms / 1000);
+        state
+    }
+
+    fn parse(bytes: &[u8], budget: &Budget, now_ms: u64) -> Option<Self> {
+        let window = budget.window_s.max(1);
+        let (header, body) = bytes.split_at_checked(HEADER_LEN)?;
+        let [version, stored_window, rest @ ..] = header else {
+            return None;
+        };
+        let (epoch, head) = rest.split_at_checked(8)?;
+        let epoch = u64::from_le_bytes(epoch.try_into().ok()?);
+        let head = u64::from_le_bytes(head.try_into().ok()?);
+        if *version != STATE_VERSION
+            || u32::from(*stored_window) != window
+            || body.len() != SLOT_LEN * window as usize
+            // A head more than a window ahead of the clock would pin the
+            // budget in the future, where no slot ever expires.
+            || head > now_ms / 1000 + u64::from(window)
+        {
+            return None;
+        }
+        let word = |chunk: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(chunk.get(at..at + 4)?.try_into().ok()?))
+        };
+        let slots = body
+            .chunks_exact(SLOT_LEN)
+            .map(|chunk| {
+                Some(Slot {
+                    requests: word(chunk, 0)?,
+                    retries: word(chunk, 4)?,
+                    open: word(chunk, 8)?,
+                })
+            })
+            .collect::<Option<Vec<Slot>>>()?;
+        Some(BudgetState { epoch, head, slots })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_LEN + SLOT_LEN * self.slots.len());
+        bytes.push(STATE_VERSION);
+        // The window is at most 60 slots.
+        bytes.push(self.slots.len() as u8);
+        bytes.extend_from_slice(&self.epoch.to_le_bytes());
+        bytes.extend_from_slice(&self.head.to_le_bytes());
+        for slot in &self.slots {
+            bytes.extend_from_slice(&slot.requests.to_le_bytes());
+            bytes.extend_from_slice(&slot.retries.to_le_bytes());
+            bytes.extend_from_slice(&slot.open.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn window(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// Moves the head to `now_s`, clearing the seconds that left the window
+    /// (at most a window's worth, however long the gap). A clock that went
+    /// back keeps the head: the second is counted in the newest slot.
+    fn advance(&mut self, now_s: u64) {
+        if now_s <= self.head {
+            return;
+        }
+        let window = self.window();
+        let stale = (now_s - self.head).min(window);
+        for second in now_s - stale + 1..=now_s {
+            if let Some(slot) = self.slots.get_mut((second % window) as usize) {
+                *slot = Slot::default();
+            }
+        }
+        self.head = now_s;
+    }
+
+    /// The slot of `second` if it is still in the window.
+    fn slot_mut(&mut self, second: u64) -> Option<&mut Slot> {
+        let window = self.window();
+        if second > self.head || self.head - second >= window {
+            return None;
+        }
+        self.slots.get_mut((second % window) as usize)
+    }
+
+    /// The balance in units: reserve + deposits − charges, over the window.
+    fn balance(&self, budget: &Budget) -> i128 {
+        let reserve =
+            i128::from(budget.min_per_s) * i128::from(budget.window_s) * i128::from(TOKEN);
+        self.slots.iter().fold(reserve, |balance, slot| {
+            balance + i128::from(slot.requests) * i128::from(budget.ratio_ppm)
+                - i128::from(slot.retries) * i128::from(TOKEN)
+        })
+    }
+
+    /// Whole retry tokens available now.
+    pub fn tokens(&self, budget: &Budget) -> u64 {
+        u64::try_from(self.balance(budget) / i128::from(TOKEN)).unwrap_or(0)
+    }
+
+    fn open(&self) -> u64 {
+        self.slots.iter().map(|slot| u64::from(slot.open)).sum()
+    }
+}
+
+/// The cushion is a token per this many open reservations (see the module
+/// documentation). Measured in `tests/retry.rs`: 0 (plain reservation) lets
+/// requests go without any retry when tokens are scarce; a whole token per
+/// open reservation (or a fair share of the balance among them) withholds
+/// second retries while tokens are merely tight; a quarter to an eighth was
+/// best at every load tried.
+const CUSHION_DIVISOR: u64 = 4;
+
+/// A request's claim on the budget, kept by the stream until `settle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// The state it was taken from (see `BudgetState::epoch`).
+    pub epoch: u64,
+    /// The second (slot) it was charged to.
+    pub second: u64,
+    /// Retries granted: the `x-envoy-max-retries` to write.
+    pub granted: u32,
+    /// Retries wanted but refused by the budget (a metric).
+    pub denied: u32,
+    /// The budget had fewer tokens than wanted: it ran dry (log a warning,
+    /// rate-limited with `dry_warning_due`).
+    pub dry: bool,
+    /// Whole tokens left after this reservation (the gauge).
+    pub level: u64,
+}
+
+impl Reservation {
+    /// For a request whose reservation could not be written (every CAS
+    /// attempt lost): no retries, nothing to settle.
+    pub fn unrecorded(wanted: u32) -> Self {
+        Reservation {
+            epoch: 0,
+            second: 0,
+            granted: 0,
+            denied: wanted,
+            dry: false,
+            level: 0,
+        }
+    }
+}
+
+/// Deposits the request and reserves up to `wanted` retries (see the module
+/// documentation for the cushion). Pure: give it to `shared::update`.
+pub fn reserve(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    wanted: u32,
+) -> (Vec<u8>, Reservation) {
+    let budget = &policy.budget;
+    let mut state = BudgetState::decode(bytes, budget, now_ms);
+    let second = state.head;
+    if let Some(slot) = state.slot_mut(second) {
+        slot.requests = slot.requests.saturating_add(1);
+    }
+    let available = state.tokens(budget);
+    // The first retry takes any whole token; deeper ones only what lies
+    // above the cushion kept for the first retries of requests to come.
+    let cushion = state.open() / CUSHION_DIVISOR;
+    let deep = available.saturating_sub(cushion);
+    let mut granted = if available == 0 {
+        0
+    } else {
+        u32::try_from(u64::from(wanted).min(deep.max(1))).unwrap_or(0)
+    };
+    if granted > 0 {
+        match state.slot_mut(second) {
+            Some(slot) => match slot.retries.checked_add(granted) {
+                Some(retries) => {
+                    slot.retries = retries;
+                    slot.open = slot.open.saturating_add(1);
+                }
+                None => granted = 0,
+            },
+            None => granted = 0,
+        }
+    }
+    let reservation = Reservation {
+        epoch: state.epoch,
+        second,
+        granted,
+        denied: wanted - granted,
+        dry: available < u64::from(wanted),
+        level: state.tokens(budget),
+    };
+    (state.encode(), reservation)
+}
+
+/// Settles a reservation once the router is done with the request: the
+/// retries it did not use go back to the slot they were taken from, if that
+/// slot (of the same state) is still in the window. The router is done when
+/// the response headers reach the filter (it never retries after passing
+/// them on); a stream that ends without them is settled in `on_log`. `attempts_made` is
+/// `upstream.request_attempt_count`; when unknown, nothing is refunded (the
+/// budget errs on the side of fewer retries; the charge expires with the
+/// window). Pure: give it to `shared::update`. A reservation with nothing
+/// granted needs no settling.
+pub fn settle(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    reservation: &Reservation,
+    attempts_made: Option<u64>,
+) -> Vec<u8> {
+    let mut state = BudgetState::decode(bytes, &policy.budget, now_ms);
+    if reservation.granted > 0 && reservation.epoch == state.epoch {
+        if let Some(slot) = state.slot_mut(reservation.second) {
+            let granted = u64::from(reservation.granted);
+            let unused = attempts_made.map_or(0, |attempts| {
+                granted - attempts.saturating_sub(1).min(granted)
+            });
+            // unused ≤ granted, a u32.
+            slot.retries = slot.retries.saturating_sub(unused as u32);
+            slot.open = slot.open.saturating_sub(1);
+        }
+    }
+    state.encode()
+}
+
+/// Whole tokens available now (the gauge).
+pub fn level(bytes: Option<&[u8]>, policy: &RetryPolicy, now_ms: u64) -> u64 {
+    BudgetState::decode(bytes, &policy.budget, now_ms).tokens(&policy.budget)
+}
+
+/// The initial bytes for `shared::ensure`.
+pub fn fresh_state(policy: &RetryPolicy, now_ms: u64) -> Vec<u8> {
+    BudgetState::fresh(&policy.budget, now_ms).encode()
+}
+
+/// The shared-data key of a service's budget. It names the service and
+/// hashes the budget parameters (and the state version): a config push that
+/// keeps the budget block keeps the budget, one that changes it starts fresh
+/// instead of reading counts made under other rules.
+pub fn budget_key(service: &str, policy: &RetryPolicy) -> String {
+    let budget = &policy.budget;
+    let hash = mix(u64::from(STATE_VERSION)
+        ^ mix(u64::from(budget.ratio_ppm)
+            ^ mix(u64::from(budget.min_per_s) ^ mix(u64::from(budget.window_s)))));
+    format!("sluice.retry_budget.{service}.{hash:016x}")
+}
+
+/// Whether to log "budget ran dry" now, given when this VM last did for the
+/// service: at most once per window, so an outage logs a line per window
+/// rather than one per request.
+pub fn dry_warning_due(last_warned_ms: Option<u64>, now_ms: u64, policy: &RetryPolicy) -> bool {
+    match last_warned_ms {
+        None => true,
+        // A clock that went back must not silence the warning for as long.
+        Some(last) => now_ms < last || now_ms - last >= u64::from(policy.budget.window_s) * 1000,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn the_state_round_trips_and_stays_compact() {
+        let policy = RetryPolicy::default();
+        let (bytes, _) = reserve(None, &policy, T0, 2);
+        let state = BudgetState::decode(Some(&bytes), &policy.budget, T0);
+        assert_eq!(state.encode(), bytes);
+        assert_eq!(bytes.len(), HEADER_LEN + SLOT_LEN * 10);
+        let sixty = Budget {
+            window_s: 60,
+            ..Budget::default()
+        };
+        assert_eq!(BudgetState::fresh(&sixty, T0).encode().len(), 738);
+    }
+
+    #[test]
+    fn advancing_clears_only_the_seconds_that_left_the_window() {
+        let policy = RetryPolicy::default();
+        let mut bytes = Vec::new();
+        for second in 0..10u64 {
+            bytes = reserve(Some(&bytes), &policy, T0 + second * 1000, 0).0;
+        }
+        let mut state = BudgetState::decode(Some(&bytes), &policy.budget, T0 + 9_000);
+        assert_eq!(
+            state.slots.iter().map(|slot| slot.requests).sum::<u32>(),
+            10
+        );
+        state.advance(T0 / 1000 + 12);
+        assert_eq!(state.slots.iter().map(|slot| slot.requests).sum::<u32>(), 7);
+        state.advance(T0 / 1000 + 1_000_000);
+        assert_eq!(state.slots.iter().map(|slot| slot.requests).sum::<u32>(), 0);
+    }
+}
