@@ -758,7 +758,10 @@ fn govern_retries(
     if plan.deadline_cut {
         runtime.deadline_cut.increment();
     }
-    let reservation = if plan.max_retries == 0 {
+    // Even a request whose deadline leaves it no retry is deposited: the
+    // budget is a share of all requests. Only a policy that never retries
+    // skips the store.
+    let reservation = if policy.max_retries == 0 {
         Reservation::unrecorded(0)
     } else {
         shared::update(&HostStore, &runtime.key, |bytes| {
