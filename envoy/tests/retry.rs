@@ -363,17 +363,25 @@ fn a_hung_upstream_gets_no_retry_past_the_client_deadline() {
         assert_eq!(*status, 504, "case {id}");
         // Envoy answers at the deadline, or earlier when the attempts that
         // fit it have all timed out (per try: 1 s, plus a little back-off).
+        // Slack for a loaded machine, small enough that case a (300 ms)
+        // answered at its per-try timeout (1 s) would fail.
         let due = deadline.min(Duration::from_millis(1_000 * *fit as u64));
+        let slack = (due / 4).max(Duration::from_millis(300));
         assert!(
-            *took >= due.saturating_sub(Duration::from_millis(100))
-                && *took <= due + Duration::from_millis(600),
+            *took >= due.saturating_sub(Duration::from_millis(100)) && *took <= due + slack,
             "case {id}: answered after {took:?}, due at {due:?}"
         );
+        // The exact check: attempts run one after the other, each with a
+        // 1 s per-try timeout, so only floor(deadline / 1 s) of them can
+        // finish inside the deadline; a third attempt for c would start at
+        // ~2 s and be cut off by the deadline at 2.5 s.
         assert_eq!(attempts.len(), *fit, "case {id}: attempts at {attempts:?}");
-        // Every retry could have finished (per-try timeout 1 s) in time.
+        // And by the clock, with slack: on a loaded machine Envoy starts a
+        // retry late (seen: the third attempt of d at 2.96 s instead of
+        // ~2.05 s), which is Envoy's timing, not a grant that did not fit.
         for at in attempts.iter().skip(1) {
             assert!(
-                *at + Duration::from_millis(1_000) <= deadline + Duration::from_millis(100),
+                *at + Duration::from_millis(1_000) <= deadline + Duration::from_millis(600),
                 "case {id}: a retry at {at:?} could not finish by {deadline:?}"
             );
         }
@@ -447,7 +455,7 @@ fn a_request_that_never_reached_an_upstream_costs_nothing() {
     let full = yaml(
         &shop(json!({
             "max_retries": 2,
-            "budget": {"ratio": 0, "min_per_s": 10, "window_s": 60}
+            "budget": {"ratio": 0.2, "min_per_s": 10, "window_s": 60}
         })),
         &upstream,
     );
@@ -467,15 +475,19 @@ fn a_request_that_never_reached_an_upstream_costs_nothing() {
     }
     assert_eq!(upstream.requests(), 0);
     assert_eq!(metric(&envoy, "granted"), 100);
+    // The reserve (10 × 60) plus the 50 requests' deposits (0.2 each); the
+    // gauge starts at 600, so reaching 610 shows it was refreshed.
     let deadline = Instant::now() + Duration::from_secs(4);
     let mut level = metric(&envoy, "budget_level");
-    while level != 600 && Instant::now() < deadline {
+    while level != 610 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         level = metric(&envoy, "budget_level");
     }
-    eprintln!("envoy no upstream: 50 requests never attempted; budget level {level} of 600");
+    eprintln!(
+        "envoy no upstream: 50 requests never attempted; budget level {level} (expected 610)"
+    );
     assert_eq!(
-        level, 600,
+        level, 610,
         "requests that were never attempted were charged"
     );
 }

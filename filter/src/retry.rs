@@ -510,8 +510,10 @@ struct Slot {
 /// The shared state of one service's budget: a ring of per-second slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetState {
-    /// When this state was created (ms); a refund only goes to the state it
-    /// was taken from, never to a successor that reuses the slots.
+    /// When this state was created (ms), or just after its predecessor's
+    /// epoch if that is later (see `successor`): its identity. A refund only
+    /// goes to the state it was taken from, never to a successor that reuses
+    /// the slots.
     epoch: u64,
     /// The newest second; the window is `head − W + 1 ..= head`.
     head: u64,
@@ -534,8 +536,25 @@ impl BudgetState {
     pub fn decode(bytes: Option<&[u8]>, budget: &Budget, now_ms: u64) -> Self {
         let mut state = bytes
             .and_then(|bytes| Self::parse(bytes, budget, now_ms))
-            .unwrap_or_else(|| Self::fresh(budget, now_ms));
+            .unwrap_or_else(|| Self::successor(bytes, budget, now_ms));
         state.advance(now_ms / 1000);
+        state
+    }
+
+    /// A fresh state to replace `bytes`, with an epoch after theirs (when
+    /// they have one): a clock stepped back to the very millisecond the old
+    /// state was created must not give the new one the same identity, or
+    /// the old state's reservations would be refunded into it.
+    fn successor(bytes: Option<&[u8]>, budget: &Budget, now_ms: u64) -> Self {
+        let mut state = Self::fresh(budget, now_ms);
+        let previous = bytes
+            .filter(|bytes| bytes.first() == Some(&STATE_VERSION))
+            .and_then(|bytes| bytes.get(2..10))
+            .and_then(|field| field.try_into().ok())
+            .map(u64::from_le_bytes);
+        if let Some(previous) = previous {
+            state.epoch = state.epoch.max(previous.saturating_add(1));
+        }
         state
     }
 
