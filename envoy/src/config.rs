@@ -150,6 +150,11 @@ impl EnvoyConfig {
         &self.wasm
     }
 
+    /// Replaces the Sluice JSON (for a config push).
+    pub fn set_sluice_json(&mut self, sluice_json: impl Into<String>) {
+        self.sluice_json = sluice_json.into();
+    }
+
     /// The Sluice JSON given to the filter.
     pub fn sluice_json(&self) -> &str {
         &self.sluice_json

@@ -24,6 +24,7 @@
 pub mod client;
 pub mod config;
 pub mod envoy;
+pub mod lds;
 pub mod upstream;
 mod wire;
 

@@ -73,7 +73,7 @@ impl Rig {
                     .unwrap()
                     .with_timeout(Duration::from_secs(5)),
             );
-            if clients.len() >= 4 {
+            if clients.len() >= 6 {
                 let per_worker = self.envoy.worker_connections().unwrap();
                 if per_worker.len() >= 2 && per_worker.values().all(|n| *n > 0) {
                     return clients;
@@ -118,8 +118,8 @@ fn rejection(r: &Response) -> u64 {
         .unwrap()
 }
 
-/// Runs `send` on every client in parallel until `until`; returns every
-/// response.
+/// Runs `send` on every client in parallel until `until` (at least once
+/// each); returns every response.
 fn hammer(
     clients: &mut [Client],
     until: Instant,
@@ -132,11 +132,12 @@ fn hammer(
             .map(|(c, client)| {
                 let send = &send;
                 s.spawn(move || {
-                    let mut got = Vec::new();
+                    // At least one request each, even on a slow machine.
+                    let mut got = vec![send(client, c)];
                     let mut n = c;
                     while Instant::now() < until {
-                        got.push(send(client, n));
                         n += 17;
+                        got.push(send(client, n));
                     }
                     got
                 })
@@ -146,6 +147,25 @@ fn hammer(
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect()
+    })
+}
+
+/// One request from every client at the same moment; responses in client
+/// order.
+fn at_once(clients: &mut [Client]) -> Vec<Response> {
+    let barrier = std::sync::Barrier::new(clients.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter_mut()
+            .map(|client| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    get(client, &[])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
 
@@ -216,24 +236,30 @@ fn a_failing_canary_is_cut_off_and_its_users_fall_back_to_stable_then_return() {
     let mut clients = rig.clients_on_both_workers();
     let during = hammer(
         &mut clients,
-        tripped_at + Duration::from_millis(1_100),
+        tripped_at + Duration::from_millis(900),
         |client, n| {
             let id = &users[n % users.len()];
             get(client, &[("x-user-id", id)])
         },
     );
-    assert!(during.len() >= 20, "only {} requests", during.len());
+    assert!(during.len() >= clients.len());
     for r in &during {
         assert_eq!((r.status, r.upstream()), (200, Some("stable")), "{r:?}");
     }
-    assert_eq!(rig.canary.requests(), 5, "requests reached the broken canary");
+    assert_eq!(
+        rig.canary.requests(),
+        5,
+        "requests reached the broken canary"
+    );
     assert_eq!(rig.metric("sluice.shop.breaker.canary.state"), 1);
     assert!(rig.metric("sluice.shop.breaker.canary.rejected") >= 10);
 
     // The canary heals; once the open time is over (1.8 s at most) its
     // users probe it, it closes, and every user is back where they were.
     rig.canary.reset_behaviour();
-    std::thread::sleep((tripped_at + Duration::from_millis(2_000)).saturating_duration_since(Instant::now()));
+    std::thread::sleep(
+        (tripped_at + Duration::from_millis(2_000)).saturating_duration_since(Instant::now()),
+    );
     assert_eq!(sides(&mut client), before);
     assert_eq!(
         sides(&mut clients[0]),
@@ -255,7 +281,10 @@ fn a_failing_canary_is_cut_off_and_its_users_fall_back_to_stable_then_return() {
         ["closed -> open", "open -> half-open", "half-open -> closed"],
         "{log:?}"
     );
-    assert!(log[0].starts_with("closed -> open: 5 consecutive failures"), "{log:?}");
+    assert!(
+        log[0].starts_with("closed -> open: 5 consecutive failures"),
+        "{log:?}"
+    );
     assert!(rig.breaker_log("shop_v1").is_empty());
 }
 
@@ -293,46 +322,72 @@ fn a_failing_stable_is_shielded_clients_get_503_with_retry_after_and_only_probes
     let mut clients = rig.clients_on_both_workers();
     let during = hammer(
         &mut clients,
-        tripped_at + Duration::from_millis(800),
+        tripped_at + Duration::from_millis(500),
         |client, _| get(client, &[]),
     );
-    assert!(during.len() >= 20, "only {} requests", during.len());
+    assert!(during.len() >= clients.len());
     for r in &during {
         assert!((1..=2).contains(&rejection(r)), "{r:?}");
     }
-    assert_eq!(rig.stable.requests(), 6, "requests reached stable while open");
+    assert_eq!(
+        rig.stable.requests(),
+        6,
+        "requests reached stable while open"
+    );
     let mut rejected = 1 + during.len() as u64;
 
     // After the open time (1.2 s at most) one request probes: it fails
     // (its three attempts are all stable sees) and the breaker reopens for
     // twice as long.
-    std::thread::sleep((tripped_at + Duration::from_millis(1_300)).saturating_duration_since(Instant::now()));
+    std::thread::sleep(
+        (tripped_at + Duration::from_millis(1_300)).saturating_duration_since(Instant::now()),
+    );
     let r = get(&mut client, &[]);
     assert_eq!((r.status, r.upstream()), (503, Some("stable")), "{r:?}");
     let reopened_at = Instant::now();
     assert_eq!(rig.stable.requests(), 9);
     let wait = rejection(&get(&mut client, &[]));
-    assert!((2..=3).contains(&wait), "retry-after {wait} after a failed probe");
+    assert!(
+        (2..=3).contains(&wait),
+        "retry-after {wait} after a failed probe"
+    );
     rejected += 1;
     let during = hammer(
         &mut clients,
-        reopened_at + Duration::from_millis(1_500),
+        reopened_at + Duration::from_millis(1_200),
         |client, _| get(client, &[]),
     );
     for r in &during {
         assert!((1..=3).contains(&rejection(r)), "{r:?}");
     }
     rejected += during.len() as u64;
-    assert_eq!(rig.stable.requests(), 9, "requests reached stable while open");
+    assert_eq!(
+        rig.stable.requests(),
+        9,
+        "requests reached stable while open"
+    );
 
-    // Stable recovers; after the doubled open time (2.4 s at most) the
-    // probes succeed and traffic flows again everywhere.
+    // Stable recovers, but answers slowly. After the doubled open time
+    // (2.4 s at most) a burst from every connection, on both workers, lets
+    // exactly three probes through; the rest are told to retry in a second.
     rig.stable.reset_behaviour();
-    std::thread::sleep((reopened_at + Duration::from_millis(2_500)).saturating_duration_since(Instant::now()));
-    for _ in 0..3 {
-        let r = get(&mut client, &[]);
-        assert_eq!((r.status, r.upstream()), (200, Some("stable")), "{r:?}");
+    rig.stable.set_delay(Duration::from_millis(1_500));
+    std::thread::sleep(
+        (reopened_at + Duration::from_millis(2_500)).saturating_duration_since(Instant::now()),
+    );
+    let burst = at_once(&mut clients);
+    let probes = burst.iter().filter(|r| r.upstream().is_some()).count();
+    assert_eq!(probes, 3, "{burst:?}");
+    for r in &burst {
+        match r.upstream() {
+            Some(_) => assert_eq!((r.status, r.upstream()), (200, Some("stable")), "{r:?}"),
+            None => assert_eq!(rejection(r), 1, "{r:?}"),
+        }
     }
+    rejected += (burst.len() - probes) as u64;
+    assert_eq!(rig.stable.requests(), 12);
+    // Three successes closed it: traffic flows again everywhere.
+    rig.stable.set_delay(Duration::ZERO);
     let after = hammer(
         &mut clients,
         Instant::now() + Duration::from_millis(200),
@@ -361,5 +416,8 @@ fn a_failing_stable_is_shielded_clients_get_503_with_retry_after_and_only_probes
         "{log:?}"
     );
     // The reason names the attempts, not the two requests.
-    assert!(log[0].starts_with("closed -> open: 6 consecutive failures"), "{log:?}");
+    assert!(
+        log[0].starts_with("closed -> open: 6 consecutive failures"),
+        "{log:?}"
+    );
 }

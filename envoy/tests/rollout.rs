@@ -111,6 +111,31 @@ impl Rig {
     }
 }
 
+/// Starts Envoy with a rollout that begins at a whole second `lead`
+/// seconds or so from now (`config(start_unix_s)`), so that the test knows
+/// the schedule. A machine so busy that Envoy is not ready by
+/// `start + slack` would leave the test without the phases it must watch:
+/// it then tries again, at most twice, with the start as far ahead as
+/// Envoy took to start. Returns the rig and the start (Unix seconds).
+fn start_scheduled(config: impl Fn(u64) -> Value, lead: f64, slack: f64) -> (Rig, f64) {
+    let mut lead = lead;
+    for _ in 0..3 {
+        let spawned = now_s();
+        let start = (spawned + lead).floor();
+        let rig = Rig::start(&config(start as u64));
+        let ready = now_s();
+        if ready <= start + slack {
+            return (rig, start);
+        }
+        eprintln!(
+            "Envoy took {:.1}s to start; trying a later start",
+            ready - spawned
+        );
+        lead += (ready - spawned).ceil();
+    }
+    panic!("Envoy never started in time for the rollout schedule");
+}
+
 fn users(n: usize) -> Vec<String> {
     (0..n).map(|u| format!("user-{u}")).collect()
 }
@@ -161,17 +186,23 @@ enum Phase {
 #[test]
 fn a_healthy_canary_steps_forward_with_the_clock_and_is_promoted() {
     const STEP_S: f64 = 2.0;
-    // Starts at the next whole second (Envoy may be up before that): steps
-    // of 10 % and 50 %, two seconds each, then promotion.
-    let start = now_s().floor() + 1.0;
-    let rig = Rig::start(&json!({"services": [{
-        "name": "shop",
-        "match": {"authority": "shop.local"},
-        "stable": "shop_v1", "canary": "shop_v2",
-        "sticky": {"header": "x-user-id"},
-        "rollout": {"steps": [10, 50], "step_s": STEP_S as u64, "max_failure_rate": 0.02,
-                    "min_requests": 100, "start_unix_s": start as u64}
-    }]}));
+    // Starts a second or two from now (Envoy is usually up before that):
+    // steps of 10 % and 50 %, two seconds each, then promotion.
+    let (rig, start) = start_scheduled(
+        |start| {
+            json!({"services": [{
+                "name": "shop",
+                "match": {"authority": "shop.local"},
+                "stable": "shop_v1", "canary": "shop_v2",
+                "sticky": {"header": "x-user-id"},
+                "rollout": {"steps": [10, 50], "step_s": STEP_S as u64,
+                            "max_failure_rate": 0.02, "min_requests": 100,
+                            "start_unix_s": start}
+            }]})
+        },
+        1.5,
+        0.5,
+    );
     let phase = |t: f64| {
         if t < start {
             Phase::Pending
@@ -202,14 +233,29 @@ fn a_healthy_canary_steps_forward_with_the_clock_and_is_promoted() {
         seen.insert(first, on_canary);
     }
     for phase in [Phase::Step(0), Phase::Step(1), Phase::Promoted] {
-        assert!(seen.contains_key(&phase), "no round ran in {phase:?}: {rounds:?}");
+        assert!(
+            seen.contains_key(&phase),
+            "no round ran in {phase:?}: {rounds:?}"
+        );
     }
     if let Some(pending) = seen.get(&Phase::Pending) {
-        assert!(pending.is_empty(), "{} users on canary before the start", pending.len());
+        assert!(
+            pending.is_empty(),
+            "{} users on canary before the start",
+            pending.len()
+        );
     }
     let (step0, step1) = (&seen[&Phase::Step(0)], &seen[&Phase::Step(1)]);
-    assert!((6..=40).contains(&step0.len()), "{} of 200 at 10 %", step0.len());
-    assert!((70..=130).contains(&step1.len()), "{} of 200 at 50 %", step1.len());
+    assert!(
+        (6..=40).contains(&step0.len()),
+        "{} of 200 at 10 %",
+        step0.len()
+    );
+    assert!(
+        (70..=130).contains(&step1.len()),
+        "{} of 200 at 50 %",
+        step1.len()
+    );
     assert!(step1.is_superset(step0), "users moved back to stable");
     assert_eq!(seen[&Phase::Promoted].len(), ids.len());
     assert_eq!(rig.stable.failed() + rig.canary.failed(), 0);
@@ -232,22 +278,26 @@ fn a_healthy_canary_steps_forward_with_the_clock_and_is_promoted() {
 #[test]
 fn a_failing_canary_is_rolled_back_and_stays_rolled_back() {
     const STEP_S: f64 = 4.0;
-    // One step of 50 % that began at the last whole second; had the canary
-    // been healthy it would be promoted four seconds later.
-    let start = now_s().floor();
-    let rig = Rig::start(&json!({"services": [{
-        "name": "shop",
-        "match": {"authority": "shop.local"},
-        "stable": "shop_v1", "canary": "shop_v2",
-        "sticky": {"header": "x-user-id"},
-        "rules": [{"header": "x-canary", "equals": "always", "to": "canary"}],
-        "rollout": {"steps": [50], "step_s": STEP_S as u64, "max_failure_rate": 0.02,
-                    "min_requests": 100, "start_unix_s": start as u64}
-    }]}));
-    assert!(
-        now_s() < start + STEP_S - 1.5,
-        "Envoy took too long to start for this test's schedule"
+    // One step of 50 % that begins about now; had the canary been healthy
+    // it would be promoted four seconds later.
+    let (rig, start) = start_scheduled(
+        |start| {
+            json!({"services": [{
+                "name": "shop",
+                "match": {"authority": "shop.local"},
+                "stable": "shop_v1", "canary": "shop_v2",
+                "sticky": {"header": "x-user-id"},
+                "rules": [{"header": "x-canary", "equals": "always", "to": "canary"}],
+                "rollout": {"steps": [50], "step_s": STEP_S as u64,
+                            "max_failure_rate": 0.02, "min_requests": 100,
+                            "start_unix_s": start}
+            }]})
+        },
+        0.0,
+        2.5,
     );
+    // A retried start may lie a little ahead: the step must be on.
+    sleep_until_s(start + 0.05);
     let ids = users(60);
 
     // The canary fails everything. With a 2 % budget over at least 100

@@ -563,9 +563,14 @@ impl HttpContext for SluiceStream {
         let now = now_ms();
         let (weight_bp, cohort_weights) = match &runtime.rollout {
             Some(rollout_runtime) => match active.rollout_view(service, rollout_runtime, now) {
+                // Before the start and after a rollback no percentage
+                // traffic reaches the canary, cohort weights included.
                 Some(view) => (
                     view.weight_bp,
-                    !matches!(view.state, RolloutState::RolledBack { .. }),
+                    !matches!(
+                        view.state,
+                        RolloutState::RolledBack { .. } | RolloutState::Pending
+                    ),
                 ),
                 None => (0, false),
             },
