@@ -1,9 +1,10 @@
 //! The proxy-wasm shell around the policy modules.
 //!
-//! Every host call goes through `proxy_wasm::hostcalls` directly and every
-//! error is handled: the SDK's trait helpers unwrap host errors and panic on
-//! non-UTF-8 header values, and a panic here would trap the VM and fail every
-//! later request of the worker.
+//! Every host call goes through `crate::host`, which handles every status:
+//! the SDK's `hostcalls` panic on statuses they did not expect and its trait
+//! helpers on non-UTF-8 header values, and a panic here would trap the VM and
+//! fail every later request of the worker. Request headers are read in one
+//! host call (`HeaderPairs`); only the headers the filter changes cross back.
 //!
 //! Per request: `on_http_request_headers` picks the service and side, asks
 //! the breakers, reserves retries from the budget and writes the steering and
@@ -13,17 +14,17 @@
 
 use crate::breaker::{self, Admission, Check, Outcome, ProbeToken};
 use crate::config::{Config, Service, Side};
+use crate::host::{self, LOG_ERROR, LOG_INFO, LOG_WARN, METRIC_COUNTER, METRIC_GAUGE};
+use crate::pairs::HeaderPairs;
 use crate::retry::{self, Reservation};
 use crate::rollout::{self, RolloutState, RolloutView};
 use crate::router::{Decision, RequestHeaders, Router};
 use crate::shared::{self, CasMismatch, SharedStore};
 use crate::sticky::Rng;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -31,7 +32,7 @@ proxy_wasm::main! {{
 }}
 
 /// Gauges are refreshed and due rollout steps announced this often.
-const TICK: Duration = Duration::from_secs(1);
+const TICK_MS: u32 = 1_000;
 /// A VM re-reads the shared rollout state at least this often.
 const ROLLOUT_CACHE_MS: u64 = 1_000;
 /// Header on a local reply that says the breaker, not the upstream, refused.
@@ -58,56 +59,32 @@ fn next_random() -> u64 {
 }
 
 fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
+    host::now_ms()
 }
 
-fn log(level: LogLevel, message: &str) {
-    // Logging must never fail a request.
-    let _ = hostcalls::log(level, message);
+fn log(level: u32, message: &str) {
+    host::log(level, message);
 }
 
-fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
-fn set_request_header(name: &str, value: Option<&[u8]>) {
-    let _ = match value {
-        Some(value) => {
-            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
-        }
-        None => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
-    };
-}
-
-/// An integer property (Envoy encodes them as 8 little-endian bytes).
-fn integer_property(path: &[&str]) -> Option<u64> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
-    let bytes: [u8; 8] = bytes.as_slice().try_into().ok()?;
-    Some(u64::from_le_bytes(bytes))
-}
+/// Property paths, their segments joined by NUL as the ABI wants them.
+const RESPONSE_CODE: &[u8] = b"response\0code";
+const RESPONSE_FLAGS: &[u8] = b"response\0flags";
+const ATTEMPT_COUNT: &[u8] = b"upstream\0request_attempt_count";
 
 /// The host's shared data: one store for every VM of the process.
 struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), Some(cas))) => Some((bytes, cas)),
-            Ok((Some(bytes), None)) => Some((bytes, 0)),
-            _ => None,
-        }
+        host::shared_data(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
-        hostcalls::set_shared_data(key, Some(value), cas.filter(|&token| token != 0))
-            .map_err(|_: Status| CasMismatch)
+        if host::set_shared_data(key, value, cas.unwrap_or(0)) {
+            Ok(())
+        } else {
+            Err(CasMismatch)
+        }
     }
 }
 
@@ -120,13 +97,13 @@ struct Counter(Option<u32>);
 
 impl Counter {
     fn define(name: &str) -> Self {
-        Counter(hostcalls::define_metric(MetricType::Counter, name).ok())
+        Counter(host::define_metric(METRIC_COUNTER, name))
     }
 
     fn add(self, amount: u64) {
         if let (Some(id), Ok(amount)) = (self.0, i64::try_from(amount)) {
             if amount > 0 {
-                let _ = hostcalls::increment_metric(id, amount);
+                host::increment_metric(id, amount);
             }
         }
     }
@@ -141,12 +118,12 @@ struct Gauge(Option<u32>);
 
 impl Gauge {
     fn define(name: &str) -> Self {
-        Gauge(hostcalls::define_metric(MetricType::Gauge, name).ok())
+        Gauge(host::define_metric(METRIC_GAUGE, name))
     }
 
     fn set(self, value: u64) {
         if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+            host::record_metric(id, value);
         }
     }
 }
@@ -334,9 +311,9 @@ impl Active {
                 rollout_runtime.rollbacks.increment();
                 // This VM stops sending cohort traffic at once.
                 rollout_runtime.cached.set(None);
-                log(LogLevel::Warn, &event.log_line(&service.name));
+                log(LOG_WARN, &event.log_line(&service.name));
             } else {
-                log(LogLevel::Info, &event.log_line(&service.name));
+                log(LOG_INFO, &event.log_line(&service.name));
             }
         }
     }
@@ -375,7 +352,7 @@ impl Active {
         if let Some(transition) = transition {
             breaker_runtime.state.set(transition.to.gauge());
             log(
-                LogLevel::Warn,
+                LOG_WARN,
                 &transition.log_line(&service.name, service.cluster(side)),
             );
         }
@@ -420,7 +397,7 @@ impl Active {
                 breaker_runtime.trips.increment();
             }
             log(
-                LogLevel::Warn,
+                LOG_WARN,
                 &transition.log_line(&service.name, service.cluster(side)),
             );
         }
@@ -448,7 +425,7 @@ impl Active {
                     })
                     .flatten();
                     if let Some(event) = event {
-                        log(LogLevel::Info, &event.log_line(&service.name));
+                        log(LOG_INFO, &event.log_line(&service.name));
                     }
                 }
                 rollout_runtime.cached.set(None);
@@ -470,14 +447,11 @@ impl Context for SluiceRoot {}
 
 impl RootContext for SluiceRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(Some(bytes)) => bytes,
-            _ => Vec::new(),
-        };
+        let bytes = host::plugin_configuration();
         match Config::parse(&bytes) {
             Ok(config) => {
                 log(
-                    LogLevel::Info,
+                    LOG_INFO,
                     &format!("sluice: config applied: {}", config.summary()),
                 );
                 let needs_tick = config.services.iter().any(|service| {
@@ -487,14 +461,14 @@ impl RootContext for SluiceRoot {
                 });
                 let active = Active::new(config);
                 if needs_tick {
-                    let _ = hostcalls::set_tick_period(TICK);
+                    host::set_tick_period_ms(TICK_MS);
                     active.tick(now_ms());
                 }
                 self.active = Some(Rc::new(active));
                 true
             }
             Err(err) => {
-                log(LogLevel::Error, &format!("sluice: config refused: {err}"));
+                log(LOG_ERROR, &format!("sluice: config refused: {err}"));
                 false
             }
         }
@@ -543,16 +517,18 @@ impl HttpContext for SluiceStream {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
+        let buffer = host::request_header_pairs();
+        let pairs = HeaderPairs::new(&buffer);
         // A client must never steer: the header names any cluster of the
         // proxy. Removed on every request, matched by a service or not.
         let steering_header = &active.router.config().steering_header;
-        set_request_header(steering_header, None);
+        if pairs.contains(steering_header) {
+            host::remove_request_header(steering_header);
+        }
 
-        let authority = request_header(":authority");
-        let path = request_header(":path");
         let Some(index) = active
             .router
-            .find_service(authority.as_deref(), path.as_deref())
+            .find_service(pairs.get(":authority"), pairs.get(":path"))
         else {
             active.unmatched.increment();
             return Action::Continue;
@@ -576,7 +552,7 @@ impl HttpContext for SluiceStream {
             },
             None => (service.weight_bp, true),
         };
-        let mut headers = HostHeaders::default();
+        let mut headers = RequestView(pairs);
         let Decision::Routed { mut side, rule, .. } = active.router.decide(
             index,
             weight_bp,
@@ -629,12 +605,12 @@ impl HttpContext for SluiceStream {
                 &service.name,
                 policy,
                 retry_runtime,
-                &mut headers,
+                &headers,
                 now,
             )),
             _ => None,
         };
-        set_request_header(steering_header, Some(service.cluster(side).as_bytes()));
+        host::set_request_header(steering_header, service.cluster(side).as_bytes());
         match side {
             Side::Stable => runtime.routed_stable.increment(),
             Side::Canary => runtime.routed_canary.increment(),
@@ -678,9 +654,9 @@ impl HttpContext for SluiceStream {
             return;
         };
         let now = now_ms();
-        let status = integer_property(&["response", "code"]).unwrap_or(0);
-        let flags = integer_property(&["response", "flags"]).unwrap_or(0);
-        let attempts = integer_property(retry::ATTEMPT_COUNT_PROPERTY).unwrap_or(1);
+        let status = host::integer_property(RESPONSE_CODE).unwrap_or(0);
+        let flags = host::integer_property(RESPONSE_FLAGS).unwrap_or(0);
+        let attempts = host::integer_property(ATTEMPT_COUNT).unwrap_or(1);
         let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
         // No status and no upstream failure: the client went away, or the
         // request never reached an upstream. Neither says anything about
@@ -729,7 +705,7 @@ impl SluiceStream {
         let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) else {
             return;
         };
-        let attempts = integer_property(retry::ATTEMPT_COUNT_PROPERTY);
+        let attempts = host::integer_property(ATTEMPT_COUNT);
         let now = now_ms();
         let _ = shared::update(&HostStore, &retry_runtime.key, |bytes| {
             (
@@ -747,18 +723,15 @@ fn govern_retries(
     service: &str,
     policy: &retry::RetryPolicy,
     runtime: &RetryRuntime,
-    headers: &mut HostHeaders,
+    headers: &RequestView,
     now: u64,
 ) -> Reservation {
-    let grpc_timeout = headers
-        .header(retry::GRPC_TIMEOUT_HEADER)
-        .map(<[u8]>::to_vec);
+    let grpc_timeout = headers.0.get(retry::GRPC_TIMEOUT_HEADER);
     let deadline_header = policy
         .deadline_header
         .as_deref()
-        .and_then(|name| headers.header(name))
-        .map(<[u8]>::to_vec);
-    let deadline = retry::client_deadline_ms(grpc_timeout.as_deref(), deadline_header.as_deref());
+        .and_then(|name| headers.0.get(name));
+    let deadline = retry::client_deadline_ms(grpc_timeout, deadline_header);
     let plan = retry::plan(policy, deadline);
     if plan.deadline_cut {
         runtime.deadline_cut.increment();
@@ -779,7 +752,7 @@ fn govern_retries(
     if reservation.dry && retry::dry_warning_due(runtime.last_dry_warning_ms.get(), now, policy) {
         runtime.last_dry_warning_ms.set(Some(now));
         log(
-            LogLevel::Warn,
+            LOG_WARN,
             &format!(
                 "sluice: retry budget of service {service} ran dry: {} of {} retries denied, {} tokens left",
                 reservation.denied, plan.max_retries, reservation.level
@@ -787,7 +760,12 @@ fn govern_retries(
         );
     }
     for (name, value) in retry::request_headers(policy, &plan, reservation.granted) {
-        set_request_header(name, value.as_deref().map(str::as_bytes));
+        match value {
+            Some(value) => host::set_request_header(name, value.as_bytes()),
+            // Only what the client sent needs removing: a call saved.
+            None if headers.0.contains(name) => host::remove_request_header(name),
+            None => {}
+        }
     }
     reservation
 }
@@ -798,35 +776,22 @@ fn reject(service: &str, retry_after_ms: u64) {
     let body = format!(
         "sluice: circuit breaker of service {service} is open; retry after {retry_after}s\n"
     );
-    let _ = hostcalls::send_http_response(
+    host::send_local_response(
         503,
-        vec![
+        &[
             ("retry-after", retry_after.as_str()),
             (BREAKER_HEADER, "open"),
             ("content-type", "text/plain"),
         ],
-        Some(body.as_bytes()),
+        body.as_bytes(),
     );
 }
 
-/// Request headers fetched from the host on first use and cached, so a
-/// header read by several rules crosses the ABI once.
-#[derive(Default)]
-struct HostHeaders {
-    cache: Vec<(String, Option<Vec<u8>>)>,
-}
+/// The request headers, read from the one buffer the host returned.
+struct RequestView<'a>(HeaderPairs<'a>);
 
-impl RequestHeaders for HostHeaders {
+impl RequestHeaders for RequestView<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
-        let position = match self.cache.iter().position(|(known, _)| known == name) {
-            Some(position) => position,
-            None => {
-                self.cache.push((name.to_string(), request_header(name)));
-                self.cache.len() - 1
-            }
-        };
-        self.cache
-            .get(position)
-            .and_then(|(_, value)| value.as_deref())
+        self.0.get(name)
     }
 }

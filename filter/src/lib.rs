@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod config;
 pub mod device;
 pub mod json;
+pub mod pairs;
 pub mod retry;
 pub mod rollout;
 pub mod router;
@@ -19,3 +20,5 @@ pub mod sticky;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
+#[cfg(target_arch = "wasm32")]
+mod host;

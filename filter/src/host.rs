@@ -1,0 +1,264 @@
+//! The host calls Sluice makes, declared here rather than taken from the
+//! SDK's `hostcalls`, which panics (traps the VM) on any status it did not
+//! expect. Every status is handled: an error degrades to "absent" or "not
+//! done", never to a trap. Statuses and enums travel as plain `u32`, so an
+//! unknown value from a future host is just an unknown number.
+//!
+//! Buffers the host returns are allocated through the module's
+//! `proxy_on_memory_allocate` (the SDK's allocator: a boxed `[u8]` of exactly
+//! the requested size), so they are reclaimed as `Vec<u8>` of that size.
+
+#![allow(unsafe_code)]
+
+use std::ptr::null_mut;
+
+/// `Status::Ok` of the proxy-wasm ABI.
+const OK: u32 = 0;
+
+pub const REQUEST_HEADERS: u32 = 0;
+pub const LOG_INFO: u32 = 2;
+pub const LOG_WARN: u32 = 3;
+pub const LOG_ERROR: u32 = 4;
+pub const METRIC_COUNTER: u32 = 0;
+pub const METRIC_GAUGE: u32 = 1;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+
+// Same symbols as the SDK's declarations, with `u32` in place of its enums
+// (identical at the Wasm ABI level).
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+}
+
+/// Takes ownership of a buffer the host allocated for us.
+fn take_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the host allocated `size` bytes through
+    // `proxy_on_memory_allocate`, which hands out a boxed slice of exactly
+    // `size` bytes and gives up ownership; nothing else refers to it.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+pub fn log(level: u32, message: &str) {
+    // SAFETY: the message is a live slice for the duration of the call.
+    let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+/// Wall-clock milliseconds since the Unix epoch; 0 if the host refused.
+pub fn now_ms() -> u64 {
+    let mut nanos: u64 = 0;
+    // SAFETY: `nanos` outlives the call.
+    match unsafe { proxy_get_current_time_nanoseconds(&mut nanos) } {
+        OK => nanos / 1_000_000,
+        _ => 0,
+    }
+}
+
+pub fn set_tick_period_ms(period_ms: u32) {
+    // SAFETY: plain value arguments.
+    let _ = unsafe { proxy_set_tick_period_milliseconds(period_ms) };
+}
+
+/// The plugin configuration bytes (empty if the host has none).
+pub fn plugin_configuration() -> Vec<u8> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers outlive the call; the buffer is taken over below.
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    let buffer = take_buffer(data, size);
+    if status == OK {
+        buffer
+    } else {
+        Vec::new()
+    }
+}
+
+/// Every request header, serialised by the host: one call instead of one
+/// per header, and parsed in place by `HeaderPairs` without copying.
+pub fn request_header_pairs() -> Vec<u8> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `plugin_configuration`.
+    let status = unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) };
+    let buffer = take_buffer(data, size);
+    if status == OK {
+        buffer
+    } else {
+        Vec::new()
+    }
+}
+
+/// Sets a request header to one value (replacing every existing one).
+pub fn set_request_header(name: &str, value: &[u8]) {
+    // SAFETY: live slices for the duration of the call.
+    let _ = unsafe {
+        proxy_replace_header_map_value(
+            REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+}
+
+/// Removes every value of a request header.
+pub fn remove_request_header(name: &str) {
+    // SAFETY: live slice for the duration of the call.
+    let _ = unsafe { proxy_remove_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len()) };
+}
+
+/// A property; `path` is its segments, each followed by a NUL byte
+/// (`"response\0code\0"`), as the ABI wants them.
+pub fn property(path: &[u8]) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `plugin_configuration`.
+    let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+    let buffer = take_buffer(data, size);
+    (status == OK).then_some(buffer)
+}
+
+/// An integer property (8 little-endian bytes, as Envoy encodes them).
+pub fn integer_property(path: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = property(path)?.as_slice().try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// A shared-data value and its CAS token.
+pub fn shared_data(key: &str) -> Option<(Vec<u8>, u32)> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: as in `plugin_configuration`.
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    let buffer = take_buffer(data, size);
+    (status == OK).then_some((buffer, cas))
+}
+
+/// Writes shared data if `cas` (0: unconditionally) still matches.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> bool {
+    // SAFETY: live slices for the duration of the call.
+    let status =
+        unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
+    status == OK
+}
+
+/// Answers the request locally with `status`, `headers` and `body`.
+pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    let mut serialized = Vec::with_capacity(64);
+    serialized.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (name, value) in headers {
+        serialized.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        serialized.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in headers {
+        serialized.extend_from_slice(name.as_bytes());
+        serialized.push(0);
+        serialized.extend_from_slice(value.as_bytes());
+        serialized.push(0);
+    }
+    let details = b"sluice_circuit_breaker_open";
+    // SAFETY: live slices for the duration of the call.
+    let _ = unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            serialized.as_ptr(),
+            serialized.len(),
+            -1,
+        )
+    };
+}
+
+pub fn define_metric(metric_type: u32, name: &str) -> Option<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: live slice and out-pointer for the duration of the call.
+    let status = unsafe { proxy_define_metric(metric_type, name.as_ptr(), name.len(), &mut id) };
+    (status == OK).then_some(id)
+}
+
+pub fn increment_metric(id: u32, offset: i64) {
+    // SAFETY: plain value arguments.
+    let _ = unsafe { proxy_increment_metric(id, offset) };
+}
+
+pub fn record_metric(id: u32, value: u64) {
+    // SAFETY: plain value arguments.
+    let _ = unsafe { proxy_record_metric(id, value) };
+}
