@@ -9,9 +9,11 @@
 # 3. cargo fmt --check
 # 4. cargo clippy           whole workspace, all targets, host; then the filter
 #                           for wasm32-wasip1
-# 5. tests                  doc tests, then cargo nextest (or cargo test) for
-#                           the workspace: unit tests, wasmtime host tests,
-#                           real-Envoy tests
+# 5. fuzz                   scripts/fuzz.sh 20: each cargo-fuzz target (config
+#                           parser, request lifecycle) for 20 s (nightly)
+# 6. tests                  doc tests, then cargo nextest (or cargo test) for
+#                           the workspace: unit tests, property tests,
+#                           wasmtime host tests, real-Envoy tests
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +65,7 @@ step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 
 step "fmt" cargo fmt --all --check
 step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (filter, wasm32-wasip1)" cargo clippy -p sluice --target wasm32-wasip1 -- -D warnings
+step "fuzz (20 s per target)" bash scripts/fuzz.sh 20
 if command -v cargo-nextest >/dev/null 2>&1; then
     # nextest does not run doc tests; run them first so that nextest's summary
     # is the last test-runner output (CI reads the closing lines).

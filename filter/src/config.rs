@@ -348,7 +348,10 @@ fn host_pattern(path: &str, name: &str) -> Result<HostPattern> {
         host.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     };
-    if host.is_empty() || host.len() > 253 || !valid_chars || host.contains("..") {
+    // Every label non-empty: no leading, doubled or (after the one
+    // stripped above) trailing dot.
+    let empty_label = host.split('.').any(str::is_empty);
+    if host.is_empty() || host.len() > 253 || !valid_chars || empty_label {
         let hint = if !bracketed && host.contains(':') {
             " (the port is ignored: name the host alone)"
         } else if host.contains('*') {

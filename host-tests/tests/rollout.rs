@@ -220,7 +220,9 @@ fn a_rollout_that_has_not_started_is_pending_with_no_canary_traffic() {
     assert_eq!((rig.state(), rig.weight_bp()), (3, 0));
     assert!(rig.canary_users(USERS, &[]).is_empty());
     // Cohort weights wait for the start too.
-    assert!(rig.canary_users(USERS, &[("user-agent", IPHONE)]).is_empty());
+    assert!(rig
+        .canary_users(USERS, &[("user-agent", IPHONE)])
+        .is_empty());
     rig.proxy.advance_ms(600_000 - 1);
     assert_eq!((rig.state(), rig.weight_bp()), (3, 0));
     assert!(rig.canary_users(USERS, &[]).is_empty());
