@@ -503,6 +503,10 @@ struct Exchange {
     reservation: Option<Reservation>,
     /// The breaker refused the request with a local reply.
     rejected: bool,
+    /// The response status and upstream attempts, once the response
+    /// headers have come (read then, so `on_log` need not ask again).
+    status: Option<u64>,
+    attempts: Option<u64>,
 }
 
 struct SluiceStream {
@@ -593,6 +597,8 @@ impl HttpContext for SluiceStream {
                         probe: None,
                         reservation: None,
                         rejected: true,
+                        status: None,
+                        attempts: None,
                     });
                     reject(&service.name, retry_after_ms);
                     return Action::Pause;
@@ -623,6 +629,8 @@ impl HttpContext for SluiceStream {
             probe,
             reservation,
             rejected: false,
+            status: None,
+            attempts: None,
         });
         Action::Continue
     }
@@ -631,6 +639,8 @@ impl HttpContext for SluiceStream {
         if let Some(exchange) = self.exchange.as_mut() {
             if !exchange.rejected && exchange.responded_ms.is_none() {
                 exchange.responded_ms = Some(now_ms());
+                exchange.status = host::response_status();
+                exchange.attempts = host::integer_property(ATTEMPT_COUNT);
                 // The router retries no more once it passes response
                 // headers on: unused retries go back to the budget now.
                 self.settle_retries();
@@ -654,9 +664,25 @@ impl HttpContext for SluiceStream {
             return;
         };
         let now = now_ms();
-        let status = host::integer_property(RESPONSE_CODE).unwrap_or(0);
+        let booked = service.breaker.is_some()
+            || (exchange.side == Side::Canary && service.rollout.is_some());
+        if !booked {
+            return;
+        }
+        // Status and attempts are usually known from the response headers;
+        // a request that ended without any (reset, timeout before headers,
+        // client gone) is asked about here.
+        let status = exchange
+            .status
+            .or_else(|| host::integer_property(RESPONSE_CODE))
+            .unwrap_or(0);
+        // Flags are read even after a status: a 200 whose connection the
+        // upstream cut mid-body (UC) failed the client all the same.
         let flags = host::integer_property(RESPONSE_FLAGS).unwrap_or(0);
-        let attempts = host::integer_property(ATTEMPT_COUNT).unwrap_or(1);
+        let attempts = exchange
+            .attempts
+            .or_else(|| host::integer_property(ATTEMPT_COUNT))
+            .unwrap_or(1);
         let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
         // No status and no upstream failure: the client went away, or the
         // request never reached an upstream. Neither says anything about
@@ -705,7 +731,9 @@ impl SluiceStream {
         let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) else {
             return;
         };
-        let attempts = host::integer_property(ATTEMPT_COUNT);
+        let attempts = exchange
+            .attempts
+            .or_else(|| host::integer_property(ATTEMPT_COUNT));
         let now = now_ms();
         let _ = shared::update(&HostStore, &retry_runtime.key, |bytes| {
             (

@@ -16,6 +16,7 @@ use std::ptr::null_mut;
 const OK: u32 = 0;
 
 pub const REQUEST_HEADERS: u32 = 0;
+const RESPONSE_HEADERS: u32 = 2;
 pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
@@ -42,6 +43,13 @@ extern "C" {
         map_type: u32,
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
     ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
@@ -157,6 +165,34 @@ pub fn request_header_pairs() -> Vec<u8> {
     } else {
         Vec::new()
     }
+}
+
+/// The response's `:status`, from the response headers: cheaper than the
+/// `response.code` property, which Envoy evaluates as an attribute
+/// expression.
+pub fn response_status() -> Option<u64> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let key = b":status";
+    // SAFETY: as in `plugin_configuration`.
+    let status = unsafe {
+        proxy_get_header_map_value(
+            RESPONSE_HEADERS,
+            key.as_ptr(),
+            key.len(),
+            &mut data,
+            &mut size,
+        )
+    };
+    let value = take_buffer(data, size);
+    if status != OK || value.is_empty() || value.len() > 3 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |acc, &digit| {
+        digit
+            .is_ascii_digit()
+            .then(|| acc * 10 + u64::from(digit - b'0'))
+    })
 }
 
 /// Sets a request header to one value (replacing every existing one).
