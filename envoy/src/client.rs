@@ -148,16 +148,29 @@ impl Client {
         head.push_str("\r\n");
         let mut wire = head.into_bytes();
         wire.extend_from_slice(body);
+        self.send_wire(&wire, method == "HEAD")
+    }
 
+    /// Send `wire` exactly as given (a whole request: any bytes, e.g.
+    /// obs-text or invalid UTF-8 in header values, no `Host`, HTTP/1.0) and
+    /// read one response. Nothing is added; the caller frames the request.
+    /// A connection the server closes (e.g. after a 400) is reopened for the
+    /// next request.
+    pub fn send_raw(&mut self, wire: &[u8]) -> io::Result<Response> {
+        let head_only = wire.starts_with(b"HEAD ");
+        self.send_wire(wire, head_only)
+    }
+
+    fn send_wire(&mut self, wire: &[u8], head_only: bool) -> io::Result<Response> {
         let reused = self.conn.is_some();
-        match self.exchange(&wire, method == "HEAD") {
+        match self.exchange(wire, head_only) {
             Ok(r) => Ok(r),
             Err((e, got_bytes)) => {
                 self.conn = None;
                 // A reused keep-alive connection the server had closed: retry
                 // once on a fresh connection.
                 if reused && !got_bytes && is_stale_connection(&e) {
-                    self.exchange(&wire, method == "HEAD").map_err(|(e, _)| {
+                    self.exchange(wire, head_only).map_err(|(e, _)| {
                         self.conn = None;
                         e
                     })

@@ -60,6 +60,9 @@ struct Shared {
     fail_ppm: AtomicU64,
     fail_status: AtomicU16,
     delay_ms: AtomicU64,
+    slow_ppm: AtomicU64,
+    slow_delay_ms: AtomicU64,
+    slow_seq: AtomicU64,
     hang: AtomicBool,
     // Counters.
     requests: AtomicU64,
@@ -97,6 +100,9 @@ impl Upstream {
             fail_ppm: AtomicU64::new(0),
             fail_status: AtomicU16::new(503),
             delay_ms: AtomicU64::new(0),
+            slow_ppm: AtomicU64::new(0),
+            slow_delay_ms: AtomicU64::new(0),
+            slow_seq: AtomicU64::new(0),
             hang: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -162,6 +168,17 @@ impl Upstream {
         self.shared.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Delay an exact, evenly spread fraction of responses (0.0..=1.0) by
+    /// `delay`, deterministically like [`Upstream::set_fail_rate`]; on top of
+    /// [`Upstream::set_delay`]. A rate of 0 turns it off.
+    pub fn set_slow_rate(&self, rate: f64, delay: Duration) {
+        let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0).round() as u64;
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.slow_seq.store(0, Ordering::SeqCst);
+        self.shared.slow_delay_ms.store(ms, Ordering::SeqCst);
+        self.shared.slow_ppm.store(ppm, Ordering::SeqCst);
+    }
+
     /// Hang: read requests but do not answer until hanging is turned off (a
     /// hung request is then answered) or the upstream stops.
     pub fn set_hang(&self, on: bool) {
@@ -175,6 +192,7 @@ impl Upstream {
         self.set_fail_rate(0.0);
         self.set_fail_status(503);
         self.set_delay(Duration::ZERO);
+        self.set_slow_rate(0.0, Duration::ZERO);
         self.set_hang(false);
     }
 
@@ -389,7 +407,15 @@ fn serve(stream: TcpStream, shared: &Shared, conn_id: u64) -> io::Result<()> {
                 return Ok(());
             }
         }
-        let delay = shared.delay_ms.load(Ordering::SeqCst);
+        let slow_ppm = shared.slow_ppm.load(Ordering::SeqCst);
+        let slow = slow_ppm > 0 && {
+            let k = shared.slow_seq.fetch_add(1, Ordering::SeqCst);
+            (k + 1) * slow_ppm / 1_000_000 > k * slow_ppm / 1_000_000
+        };
+        let mut delay = shared.delay_ms.load(Ordering::SeqCst);
+        if slow {
+            delay = delay.saturating_add(shared.slow_delay_ms.load(Ordering::SeqCst));
+        }
         if delay > 0 && !sleep_unless_shutdown(Duration::from_millis(delay), &shared.shutdown) {
             return Ok(());
         }

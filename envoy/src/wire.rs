@@ -240,7 +240,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn parse_head(raw: &[u8]) -> io::Result<Head> {
-    let text = std::str::from_utf8(raw).map_err(|_| invalid("message head is not UTF-8"))?;
+    // Header values may carry obs-text (bytes 0x80-0xFF), which Envoy
+    // forwards; such bytes are decoded lossily (U+FFFD) rather than refused,
+    // so an upstream still answers a request that carried them.
+    let text = String::from_utf8_lossy(raw);
     let mut lines = text.split("\r\n");
     let start = lines.next().unwrap_or("").to_string();
     if start.is_empty() {

@@ -286,7 +286,7 @@ fn render(o: &Opts, s: &Stats, elapsed: f64) -> Vec<String> {
         ),
         String::new(),
         format!(
-            "{:<18} {:>6} {:>8} {:>8} {:>8}  {:<20} {:>8}",
+            "{:<16} {:>6} {:>7} {:>7} {:>8}  {:<20} {:>8}",
             "cohort", "users", "stable", "canary", "canary%", "", "expected"
         ),
     ];
@@ -298,7 +298,7 @@ fn render(o: &Opts, s: &Stats, elapsed: f64) -> Vec<String> {
         ca += b;
         let p = pct(b, a + b);
         lines.push(format!(
-            "{:<18} {:>6} {:>8} {:>8} {:>7.1}%  {} {:>7.0}%",
+            "{:<16} {:>6} {:>7} {:>7} {:>7.1}%  {} {:>7.0}%",
             c.label(),
             users_in(c),
             a,
@@ -310,7 +310,7 @@ fn render(o: &Opts, s: &Stats, elapsed: f64) -> Vec<String> {
     }
     let p = pct(ca, st + ca);
     lines.push(format!(
-        "{:<18} {:>6} {:>8} {:>8} {:>7.1}%  {}",
+        "{:<16} {:>6} {:>7} {:>7} {:>7.1}%  {}",
         "all",
         o.users,
         st,
@@ -325,7 +325,10 @@ fn render(o: &Opts, s: &Stats, elapsed: f64) -> Vec<String> {
         s.switched()
     ));
     if s.errors > 0 {
-        lines.push(format!("last error: {}", s.last_error));
+        // Cut to keep the live frame within 80 columns (a wrapped line
+        // would break the in-place redraw).
+        let e: String = s.last_error.chars().take(66).collect();
+        lines.push(format!("last error: {e}"));
     }
     lines
 }
