@@ -23,9 +23,11 @@
 //!   less to do (unmatched host; sticky split only; + rules; + breakers, no
 //!   retry), to see what each part costs.
 //! * `phase/<module>/<callback>`: the time of one phase of the lifecycle.
-//! * `history/<module>`: after 100 000 earlier requests and 100 s of
-//!   (virtual) uptime on the same VM; `workers/sluice_4`: four worker VMs
-//!   sharing the budget and breakers, streams spread over them.
+//! * `workers/sluice_<n>`: one or four worker VMs sharing the budget and
+//!   breakers, streams spread over them.
+//!
+//! The report before the benchmarks also times 40 000 requests on ONE VM in
+//! blocks (does the per-request cost grow with traffic and uptime?).
 //!
 //! The fake host keeps every finished stream (so tests can inspect it); the
 //! benchmarks therefore replace their VM every `RECYCLE` lifecycles, outside
@@ -130,7 +132,6 @@ fn lifecycle(vm: &Vm, request: &[(&str, &str)], response: &[(&str, &str)]) {
 /// lifecycles; the clock moves 1 ms per request (ticks fire outside the
 /// timed part) and VMs are replaced every `RECYCLE` lifecycles.
 struct Runner {
-    module: Module,
     proxy: Proxy,
     vms: Vec<Vm>,
     traffic: Traffic,
@@ -142,7 +143,6 @@ impl Runner {
         let proxy = proxy(module);
         let vms = (0..workers).map(|_| proxy.start_vm().unwrap()).collect();
         Runner {
-            module: module.clone(),
             proxy,
             vms,
             traffic,
@@ -238,9 +238,13 @@ struct Crossings {
     /// name → per-phase totals [request, response, finish].
     counts: BTreeMap<String, [u64; 3]>,
     added_log_import: bool,
+    /// All crossings of `requests` requests made after `late_after` others
+    /// on the same VM.
+    late_total: u64,
+    late_after: u64,
 }
 
-fn count_crossings(module: &Module, traffic: &Traffic, requests: u64) -> Crossings {
+fn count_crossings(module: &Module, traffic: &Traffic, requests: u64, later: usize) -> Crossings {
     let original = read_wasm(&module.wasm).unwrap();
     let rewritten = instrument(&original).unwrap();
     let proxy =
@@ -276,6 +280,13 @@ fn count_crossings(module: &Module, traffic: &Traffic, requests: u64) -> Crossin
         proxy.clear_logs();
         stream.request_headers(&requests_pairs[n % requests_pairs.len()], true);
         take(0, &proxy);
+        if module.root_id == "sluice" && module.label != "sluice_unmatched" {
+            // The rewritten module must still do its job.
+            assert!(
+                stream.request_header("x-sluice-cluster").is_some(),
+                "instrumented sluice did not steer"
+            );
+        }
         stream.response_headers(&response, true);
         take(1, &proxy);
         stream.finish();
@@ -284,11 +295,30 @@ fn count_crossings(module: &Module, traffic: &Traffic, requests: u64) -> Crossin
         proxy.advance_ms(1);
         proxy.clear_logs();
     }
+    // The same VM much later: do the crossings per request change with
+    // traffic and uptime? (`later` more requests, the clock moving 1 ms each.)
+    for n in 0..later {
+        lifecycle(&vm, &requests_pairs[n % requests_pairs.len()], &response);
+        proxy.advance_ms(1);
+        proxy.clear_logs();
+    }
+    let mut late = 0u64;
+    for n in 0..requests as usize {
+        lifecycle(&vm, &requests_pairs[n % requests_pairs.len()], &response);
+        late += instrument::tally(proxy.logs().iter().map(|l| l.message.as_str()))
+            .values()
+            .sum::<u64>();
+        // Ticks fire here, outside the counted request (as above).
+        proxy.advance_ms(1);
+        proxy.clear_logs();
+    }
     Crossings {
         label: module.label.to_string(),
         requests,
         counts,
         added_log_import: rewritten.added_log_import,
+        late_total: late,
+        late_after: later as u64 + requests,
     }
 }
 
@@ -340,6 +370,23 @@ fn crossings_table(all: &[Crossings]) -> String {
                 per(s.iter().sum())
             );
         }
+        let early: u64 = c.counts.values().flat_map(|p| p.iter()).sum();
+        let _ = writeln!(
+            out,
+            "\nAll crossings per request: {:.2} in the first {} requests of the VM, {:.2} in \
+             {} requests after {} more (the clock at +{} s): {}.",
+            per(early),
+            c.requests,
+            per(c.late_total),
+            c.requests,
+            c.late_after,
+            (c.late_after + c.requests) / 1000,
+            if early == c.late_total {
+                "the same"
+            } else {
+                "DIFFERENT"
+            }
+        );
         if c.added_log_import {
             let _ = writeln!(
                 out,
@@ -375,7 +422,7 @@ fn crossings_report() {
     let modules = [sluice("sluice", sluice_config), passthrough()];
     let mut all = Vec::new();
     for module in &modules {
-        all.push(count_crossings(module, &Traffic::realistic(), 1000));
+        all.push(count_crossings(module, &Traffic::realistic(), 1000, 15_000));
     }
     let mut text = String::from(
         "# ABI crossings per request, wasmtime fake host\n\n\
@@ -387,20 +434,45 @@ fn crossings_report() {
          the host (an import); `cb<` = the host calls the module (an export: callbacks, and \
          `malloc` for every buffer the host hands over).\n",
     );
+    let _ = write!(text, "\n- Filter code: {}", workload::filter_revision());
     for module in &modules {
         let size = std::fs::metadata(&module.wasm)
             .map(|m| m.len())
             .unwrap_or(0);
         let _ = write!(
             text,
-            "\n- `{}`: {} bytes ({:.1} KiB)",
+            "\n- `{}`: {} bytes ({:.1} KiB), digest {}",
             module.wasm.display(),
             size,
-            size as f64 / 1024.0
+            size as f64 / 1024.0,
+            workload::file_digest(&module.wasm)
         );
     }
     text.push('\n');
     text.push_str(&crossings_table(&all));
+
+    text.push_str(
+        "\n### Crossings per request of every `wasm/*` benchmark\n\n\
+         | benchmark | host calls | entries (callbacks + malloc) | total |\n|---|---:|---:|---:|\n",
+    );
+    for (module, traffic) in cases() {
+        let c = count_crossings(&module, &traffic, 200, 0);
+        let sum = |mark: &str| {
+            c.counts
+                .iter()
+                .filter(|(name, _)| name.starts_with(mark))
+                .flat_map(|(_, phases)| phases.iter())
+                .sum::<u64>() as f64
+                / c.requests as f64
+        };
+        let (calls, entries) = (sum(instrument::IMPORT_MARK), sum(EXPORT_MARK));
+        let _ = writeln!(
+            text,
+            "| `wasm/{}` | {calls:.2} | {entries:.2} | {:.2} |",
+            module.label,
+            calls + entries
+        );
+    }
 
     text.push_str("\n### Linear memory per VM (wasmtime), after N requests\n\n| module | 0 | 10 000 | 100 000 |\n|---|---:|---:|---:|\n");
     for module in &modules {
@@ -412,6 +484,9 @@ fn crossings_report() {
             })
             .collect();
         let _ = writeln!(text, "| {} | {} |", module.label, sizes.join(" | "));
+    }
+    if std::env::var_os("SLUICE_SKIP_GROWTH").is_none() {
+        text.push_str(&growth_report());
     }
     println!("{text}");
     let path = workload::repo_root().join("benches/results/wasmtime-crossings.md");
@@ -441,9 +516,9 @@ fn reduced_config(keep_rules: bool, keep_breaker: bool, keep_retry: bool) -> Str
     value.to_string()
 }
 
-fn wasm(c: &mut Criterion) {
-    let mut group = c.benchmark_group("wasm");
-    let cases: Vec<(Module, Traffic)> = vec![
+/// The modules the `wasm/*` benchmarks compare, with their traffic.
+fn cases() -> Vec<(Module, Traffic)> {
+    vec![
         (passthrough(), Traffic::realistic()),
         (sluice("sluice", REALISTIC_CONFIG), Traffic::realistic()),
         (
@@ -466,8 +541,12 @@ fn wasm(c: &mut Criterion) {
             sluice("sluice_breaker", &reduced_config(true, true, false)),
             Traffic::realistic(),
         ),
-    ];
-    for (module, traffic) in cases {
+    ]
+}
+
+fn wasm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wasm");
+    for (module, traffic) in cases() {
         let mut runner = Runner::new(&module, traffic, 1);
         group.bench_function(module.label, |b| b.iter_custom(|iters| runner.run(iters)));
     }
@@ -491,47 +570,7 @@ fn phases(c: &mut Criterion) {
     group.finish();
 }
 
-fn history(c: &mut Criterion) {
-    let mut group = c.benchmark_group("history");
-    // Every timed lifecycle stays on the VM (the host keeps it): keep it short.
-    group
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10);
-    for module in [passthrough(), sluice("sluice", REALISTIC_CONFIG)] {
-        let mut runner = Runner::new(&module, Traffic::realistic(), 1);
-        // 100 000 requests and 100 s of uptime on this VM, untimed.
-        let requests: Vec<Vec<(String, String)>> = runner.traffic.requests.clone();
-        let response = runner.traffic.response.clone();
-        for n in 0..100_000usize {
-            lifecycle(
-                &runner.vms[0],
-                &pairs(&requests[n % requests.len()]),
-                &pairs(&response),
-            );
-            if n % 1000 == 999 {
-                runner.proxy.advance_ms(1000);
-            }
-        }
-        // Timed on the same VM: no recycling during the measurement.
-        let label = format!("{}_after_100k", runner.module.label);
-        group.bench_function(label, |b| {
-            b.iter_custom(|iters| {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    let n = runner.served as usize;
-                    lifecycle(
-                        &runner.vms[0],
-                        &pairs(&requests[n % requests.len()]),
-                        &pairs(&response),
-                    );
-                    runner.served += 1;
-                }
-                started.elapsed()
-            })
-        });
-    }
-    group.finish();
-
+fn workers(c: &mut Criterion) {
     let mut group = c.benchmark_group("workers");
     let module = sluice("sluice", REALISTIC_CONFIG);
     for workers in [1usize, 4] {
@@ -541,6 +580,74 @@ fn history(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// Per-request time over one VM's lifetime: `blocks` blocks of `per_block`
+/// lifecycles on the same VM (no recycling), the clock moving 1 ms per
+/// request. Returns, per block, the mean µs of the request+response phases
+/// and of `finish` (log, done, delete).
+fn growth(module: &Module, blocks: usize, per_block: usize) -> Vec<(f64, f64)> {
+    let runner = Runner::new(module, Traffic::realistic(), 1);
+    let requests: Vec<Vec<(&str, &str)>> =
+        runner.traffic.requests.iter().map(|r| pairs(r)).collect();
+    let response = pairs(&runner.traffic.response);
+    let vm = &runner.vms[0];
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    for _ in 0..blocks {
+        let (mut headers, mut finish) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..per_block {
+            let stream = vm.stream();
+            stream.set_attempt_count(1);
+            let t = Instant::now();
+            stream.request_headers(&requests[n % requests.len()], true);
+            stream.response_headers(&response, true);
+            headers += t.elapsed();
+            let t = Instant::now();
+            stream.finish();
+            finish += t.elapsed();
+            n += 1;
+            runner.proxy.advance_ms(1);
+        }
+        let mean = |d: Duration| d.as_secs_f64() * 1e6 / per_block as f64;
+        out.push((mean(headers), mean(finish)));
+    }
+    out
+}
+
+fn growth_report() -> String {
+    const BLOCKS: usize = 8;
+    const PER_BLOCK: usize = 5_000;
+    let mut text = format!(
+        "\n### Per-request time over a VM's lifetime (wasmtime, µs, one VM, {} requests, \
+         1 ms of clock per request)\n\n\
+         `headers` = request + response headers phases; `finish` = log, done, delete. \
+         The fake host keeps every finished stream: its stream lookups (every host call and \
+         callback) and the scan of all streams in each `finish` (`VmInner::reap_roots`) slow \
+         down as a VM serves more, for BOTH modules and in proportion to their crossings, so \
+         this table mixes host and plugin growth. The plugin-side checks are the crossings \
+         per request early and late in a VM's life (above), its linear memory (above), and \
+         the native `realistic/lifecycle_after_1M_requests` benchmark.\n\n\
+         | requests served | passthrough headers | sluice headers | passthrough finish | sluice finish | finish Δ |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+        BLOCKS * PER_BLOCK
+    );
+    let base = growth(&passthrough(), BLOCKS, PER_BLOCK);
+    let ours = growth(&sluice("sluice", REALISTIC_CONFIG), BLOCKS, PER_BLOCK);
+    for (block, (b, o)) in base.iter().zip(&ours).enumerate() {
+        let _ = writeln!(
+            text,
+            "| {}–{} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            block * PER_BLOCK,
+            (block + 1) * PER_BLOCK,
+            b.0,
+            o.0,
+            b.1,
+            o.1,
+            o.1 - b.1
+        );
+    }
+    text
 }
 
 fn main() {
@@ -561,7 +668,7 @@ fn main() {
         .configure_from_args();
     wasm(&mut criterion);
     phases(&mut criterion);
-    history(&mut criterion);
+    workers(&mut criterion);
     criterion.final_summary();
     black_box(());
 }

@@ -22,6 +22,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::breaker::{self, Outcome};
 use sluice::config::Config;
+use sluice::pairs::HeaderPairs;
 use sluice::retry;
 use sluice::router::{RequestHeaders, Router};
 use sluice::shared::{self, MemoryStore, SharedStore};
@@ -94,16 +95,13 @@ fn find_service(c: &mut Criterion) {
     group.finish();
 }
 
-/// Headers for `Router::decide` without the glue's cache (parts bench).
-struct Plain<'a>(&'a Request);
+/// Headers for `Router::decide`, read in place from the pairs buffer like
+/// the glue's `RequestView`.
+struct Plain<'a>(HeaderPairs<'a>);
 
 impl RequestHeaders for Plain<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
-        self.0
-            .headers
-            .iter()
-            .find(|(known, _)| known == name)
-            .map(|(_, value)| value.as_slice())
+        self.0.get(name)
     }
 }
 
@@ -112,6 +110,22 @@ fn realistic(c: &mut Criterion) {
     let mut native = Native::new(REALISTIC_CONFIG.as_bytes(), T0).unwrap();
     let requests = requests(request_headers);
     group.bench_function("lifecycle", |b| bench_lifecycle(&mut native, &requests, b));
+    // The same after a million requests and 1000 s of uptime (budget and
+    // breaker windows rolled over a hundred times): history must not cost.
+    let mut old = Native::new(REALISTIC_CONFIG.as_bytes(), T0).unwrap();
+    let mut written: Written = Vec::new();
+    for n in 0..1_000_000u64 {
+        old.lifecycle(&requests[n as usize % requests.len()], T0 + n, &mut written);
+    }
+    group.bench_function("lifecycle_after_1M_requests", |b| {
+        let mut n = 0usize;
+        let mut now = T0 + 1_000_000;
+        b.iter(|| {
+            n = (n + 1) % requests.len();
+            now += 1;
+            black_box(old.lifecycle(&requests[n], now, &mut written))
+        })
+    });
 
     // The parts, each on its own.
     let config = Config::parse(REALISTIC_CONFIG.as_bytes()).unwrap();
@@ -121,12 +135,27 @@ fn realistic(c: &mut Criterion) {
     group.bench_function("find_service+decide", |b| {
         b.iter(|| {
             n = (n + 1) % requests.len();
-            let request = &requests[n];
+            let pairs = requests[n].view();
             let index = router
-                .find_service(Some(b"shop.local"), Some(b"/api/items?page=2"))
+                .find_service(pairs.get(":authority"), pairs.get(":path"))
                 .unwrap();
-            black_box(router.decide(index, 1000, true, &mut Plain(request), n as u64))
+            black_box(router.decide(index, 1000, true, &mut Plain(pairs), n as u64))
         })
+    });
+
+    // Inside decide: the device rule classifies the user-agent (a desktop
+    // agent is the worst case: every marker is searched for), the sticky
+    // split hashes the key.
+    let agent = request_headers("u")
+        .into_iter()
+        .find(|(name, _)| name == "user-agent")
+        .unwrap()
+        .1;
+    group.bench_function("device_classify", |b| {
+        b.iter(|| sluice::device::classify(Some(black_box(agent.as_bytes()))))
+    });
+    group.bench_function("sticky_bucket", |b| {
+        b.iter(|| sluice::sticky::bucket(b"shop", black_box(b"user-123")))
     });
 
     let policy = service.retry.clone().unwrap();

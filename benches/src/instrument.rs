@@ -354,10 +354,17 @@ impl Scan {
                     section(&mut out, 8, &body);
                 }
                 Payload::ElementSection(reader) => {
-                    if layout.added == 0 {
-                        copy_section(&mut out, wasm, 9, reader.range())?;
-                    } else {
-                        section(&mut out, 9, &self.element_section(wasm, reader, &layout)?);
+                    // Re-encoded so that table entries naming an import go
+                    // through its wrapper too (indirect calls are counted).
+                    match self.element_section(wasm, reader, &layout) {
+                        Ok(body) => section(&mut out, 9, &body),
+                        // A form we do not re-encode is fine as long as no
+                        // index moved: copy it (indirect calls to imports,
+                        // if any, then go uncounted).
+                        Err(_) if layout.added == 0 => {
+                            copy_section(&mut out, wasm, 9, reader.range())?
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 Payload::CodeSectionStart { count, .. } => {

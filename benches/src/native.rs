@@ -1,8 +1,10 @@
 //! Sluice's per-request policy work, natively: the sequence of
 //! `filter/src/filter.rs` (the proxy-wasm glue) with every host call replaced
-//! by its native equivalent: header reads from a header list, shared data
-//! from `shared::MemoryStore`, header writes collected in a list, metrics
-//! dropped. What remains is exactly the policy core a request pays for:
+//! by its native equivalent: the request headers as the serialised pairs
+//! buffer Envoy hands over (read in place with `sluice::pairs::HeaderPairs`,
+//! like the glue), shared data from `shared::MemoryStore`, header writes
+//! collected in a list, the response status and attempt count given,
+//! metrics dropped. What remains is exactly the policy core a request pays for:
 //! match a service, apply its rules, hash the sticky key, ask the breakers,
 //! reserve retries from the budget, write the retry headers; settle the
 //! reservation at the response; book the outcome with the breaker at the
@@ -10,60 +12,59 @@
 //!
 //! Keep it in step with `filter.rs` (`on_http_request_headers`,
 //! `on_http_response_headers`, `on_log`, `settle_retries`,
-//! `govern_retries`, `Active::admit`, `Active::record_breaker`).
+//! `govern_retries`, `Active::admit`, `Active::record_breaker`); last synced
+//! with the glue that reads the request headers in one call (`HeaderPairs`)
+//! and takes the status and attempts from the response headers.
 
 use sluice::breaker::{self, Admission, Check, Outcome, ProbeToken};
 use sluice::config::{Config, Service, Side};
+use sluice::pairs::HeaderPairs;
 use sluice::retry::{self, Reservation};
 use sluice::rollout;
 use sluice::router::{Decision, RequestHeaders, Router};
 use sluice::shared::{self, MemoryStore, SharedStore};
 use sluice::sticky::Rng;
 
-/// One request's headers, as Envoy's header map holds them (lower-case
-/// names, first value wins).
+/// One request's headers, serialised as Envoy's
+/// `proxy_get_header_map_pairs` returns them (built once, outside the
+/// measurement, as the host would).
 #[derive(Debug, Clone, Default)]
 pub struct Request {
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub pairs: Vec<u8>,
 }
 
 impl Request {
     pub fn new(headers: &[(&str, &str)]) -> Request {
-        Request {
-            headers: headers
-                .iter()
-                .map(|(name, value)| (name.to_ascii_lowercase(), value.as_bytes().to_vec()))
-                .collect(),
-        }
-    }
-
-    /// A header's first value; like the host call, it returns a copy.
-    fn get(&self, name: &str) -> Option<Vec<u8>> {
-        self.headers
+        let lower: Vec<(String, &str)> = headers
             .iter()
-            .find(|(known, _)| known == name)
-            .map(|(_, value)| value.clone())
+            .map(|(name, value)| (name.to_ascii_lowercase(), *value))
+            .collect();
+        let mut pairs = Vec::new();
+        pairs.extend_from_slice(&(lower.len() as u32).to_le_bytes());
+        for (name, value) in &lower {
+            pairs.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            pairs.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        }
+        for (name, value) in &lower {
+            pairs.extend_from_slice(name.as_bytes());
+            pairs.push(0);
+            pairs.extend_from_slice(value.as_bytes());
+            pairs.push(0);
+        }
+        Request { pairs }
+    }
+
+    pub fn view(&self) -> HeaderPairs<'_> {
+        HeaderPairs::new(&self.pairs)
     }
 }
 
-/// The glue's `HostHeaders`: fetched on first use, cached per request.
-struct CachedHeaders<'a> {
-    request: &'a Request,
-    cache: Vec<(String, Option<Vec<u8>>)>,
-}
+/// The glue's `RequestView`.
+struct RequestView<'a>(HeaderPairs<'a>);
 
-impl RequestHeaders for CachedHeaders<'_> {
+impl RequestHeaders for RequestView<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
-        let position = match self.cache.iter().position(|(known, _)| known == name) {
-            Some(position) => position,
-            None => {
-                self.cache.push((name.to_string(), self.request.get(name)));
-                self.cache.len() - 1
-            }
-        };
-        self.cache
-            .get(position)
-            .and_then(|(_, value)| value.as_deref())
+        self.0.get(name)
     }
 }
 
@@ -89,6 +90,8 @@ pub struct Exchange {
     probe: Option<ProbeToken>,
     reservation: Option<Reservation>,
     rejected: bool,
+    status: Option<u64>,
+    attempts: Option<u64>,
 }
 
 impl Exchange {
@@ -178,13 +181,14 @@ impl Native {
         now: u64,
         written: &mut Written,
     ) -> Option<Exchange> {
+        let pairs = request.view();
         let steering = self.router.config().steering_header.clone();
-        written.push((steering.clone(), None));
-        let authority = request.get(":authority");
-        let path = request.get(":path");
+        if pairs.contains(&steering) {
+            written.push((steering.clone(), None));
+        }
         let index = self
             .router
-            .find_service(authority.as_deref(), path.as_deref())?;
+            .find_service(pairs.get(":authority"), pairs.get(":path"))?;
         let random = self.rng.next_u64();
         let (service, keys) = self.service(index)?;
         // The glue caches the rollout view for a second; without a rollout
@@ -194,15 +198,15 @@ impl Native {
                 let view = rollout::view(self.bytes(key).as_deref(), config, now);
                 (
                     view.weight_bp,
-                    !matches!(view.state, rollout::RolloutState::RolledBack { .. }),
+                    !matches!(
+                        view.state,
+                        rollout::RolloutState::RolledBack { .. } | rollout::RolloutState::Pending
+                    ),
                 )
             }
             _ => (service.weight_bp, true),
         };
-        let mut headers = CachedHeaders {
-            request,
-            cache: Vec::new(),
-        };
+        let mut headers = RequestView(pairs);
         let Decision::Routed { mut side, .. } =
             self.router
                 .decide(index, weight_bp, cohort_weights, &mut headers, random)
@@ -230,13 +234,15 @@ impl Native {
                         probe: None,
                         reservation: None,
                         rejected: true,
+                        status: None,
+                        attempts: None,
                     })
                 }
             }
         }
         let reservation = match (&service.retry, &keys.retry) {
             (Some(policy), Some(key)) => {
-                Some(self.govern_retries(policy, key, &mut headers, now, written))
+                Some(self.govern_retries(policy, key, &headers, now, written))
             }
             _ => None,
         };
@@ -249,6 +255,8 @@ impl Native {
             probe,
             reservation,
             rejected: false,
+            status: None,
+            attempts: None,
         })
     }
 
@@ -276,20 +284,16 @@ impl Native {
         &self,
         policy: &retry::RetryPolicy,
         key: &str,
-        headers: &mut CachedHeaders<'_>,
+        headers: &RequestView<'_>,
         now: u64,
         written: &mut Written,
     ) -> Reservation {
-        let grpc_timeout = headers
-            .header(retry::GRPC_TIMEOUT_HEADER)
-            .map(<[u8]>::to_vec);
+        let grpc_timeout = headers.0.get(retry::GRPC_TIMEOUT_HEADER);
         let deadline_header = policy
             .deadline_header
             .as_deref()
-            .and_then(|name| headers.header(name))
-            .map(<[u8]>::to_vec);
-        let deadline =
-            retry::client_deadline_ms(grpc_timeout.as_deref(), deadline_header.as_deref());
+            .and_then(|name| headers.0.get(name));
+        let deadline = retry::client_deadline_ms(grpc_timeout, deadline_header);
         let plan = retry::plan(policy, deadline);
         let reservation = if policy.max_retries == 0 {
             Reservation::unrecorded(0)
@@ -300,20 +304,33 @@ impl Native {
             .unwrap_or_else(|| Reservation::unrecorded(plan.max_retries))
         };
         for (name, value) in retry::request_headers(policy, &plan, reservation.granted) {
-            written.push((name.to_string(), value.map(String::into_bytes)));
+            match value {
+                Some(value) => written.push((name.to_string(), Some(value.into_bytes()))),
+                None if headers.0.contains(name) => written.push((name.to_string(), None)),
+                None => {}
+            }
         }
         reservation
     }
 
-    /// `on_http_response_headers`: settles the retry reservation.
-    pub fn response_headers(&mut self, exchange: &mut Exchange, attempts: u64, now: u64) {
+    /// `on_http_response_headers`: takes the status (from `:status`) and
+    /// the attempts (a property), settles the retry reservation.
+    pub fn response_headers(
+        &mut self,
+        exchange: &mut Exchange,
+        status: u64,
+        attempts: u64,
+        now: u64,
+    ) {
         if !exchange.rejected && exchange.responded_ms.is_none() {
             exchange.responded_ms = Some(now);
-            self.settle(exchange, attempts, now);
+            exchange.status = Some(status);
+            exchange.attempts = Some(attempts);
+            self.settle(exchange, now);
         }
     }
 
-    fn settle(&self, exchange: &mut Exchange, attempts: u64, now: u64) {
+    fn settle(&self, exchange: &mut Exchange, now: u64) {
         let Some(reservation) = exchange.reservation.take() else {
             return;
         };
@@ -327,30 +344,41 @@ impl Native {
         };
         let _ = shared::update(&self.store, key, |bytes| {
             (
-                retry::settle(bytes, policy, now, &reservation, Some(attempts)),
+                retry::settle(bytes, policy, now, &reservation, exchange.attempts),
                 (),
             )
         });
     }
 
-    /// `on_log`: books the outcome with the side's breaker.
+    /// `on_log`: books the outcome with the side's breaker. `status`,
+    /// `flags` and `attempts` are what the properties would say when the
+    /// response headers never came.
     pub fn log(
         &mut self,
         mut exchange: Exchange,
-        status: u32,
+        status: u64,
         flags: u64,
         attempts: u64,
         now: u64,
     ) {
-        self.settle(&mut exchange, attempts, now);
+        self.settle(&mut exchange, now);
         if exchange.rejected {
             return;
         }
+        // (The glue draws it only when it records; a xorshift step either way.)
         let random = self.rng.next_u64();
         let Some((service, keys)) = self.service(exchange.service) else {
             return;
         };
-        let failed = breaker::is_failure(Some(status), flags);
+        let booked = service.breaker.is_some()
+            || (exchange.side == Side::Canary && service.rollout.is_some());
+        if !booked {
+            return;
+        }
+        let status = exchange.status.unwrap_or(status);
+        let flags = if exchange.status.is_some() { 0 } else { flags };
+        let attempts = exchange.attempts.unwrap_or(attempts);
+        let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
         let outcome = (attempts > 0 && (status != 0 || failed)).then(|| Outcome {
             attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             failed,
@@ -392,7 +420,7 @@ impl Native {
     ) -> Option<Side> {
         written.clear();
         let mut exchange = self.request_headers(request, now, written)?;
-        self.response_headers(&mut exchange, 1, now);
+        self.response_headers(&mut exchange, 200, 1, now);
         let side = exchange.side();
         self.log(exchange, 200, 0, 1, now);
         Some(side)

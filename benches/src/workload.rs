@@ -156,3 +156,39 @@ pub fn scaled_request(index: usize, user: &str) -> Vec<(String, String)> {
     }
     headers
 }
+
+/// Which filter code a measurement ran: the commit, and whether
+/// `filter/src` had uncommitted changes (e.g. `1dc7ab5+filter-changes`).
+pub fn filter_revision() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--", "filter/src"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{commit}+uncommitted filter/src changes")
+    } else {
+        commit
+    }
+}
+
+/// A short content hash of a file (FNV-1a 64), to tell builds apart.
+pub fn file_digest(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for byte in bytes {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            format!("{hash:016x}")
+        }
+        Err(_) => "missing".into(),
+    }
+}
