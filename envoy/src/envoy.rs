@@ -466,6 +466,41 @@ impl Envoy {
         Ok(out)
     }
 
+    /// Opens keep-alive clients (at least `min`) until both workers have
+    /// accepted connections, so that a test's traffic reaches both VMs.
+    /// Panics after 64 connections without that.
+    pub fn clients_on_both_workers(&self, min: usize) -> Vec<Client> {
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(
+                Client::connect(self.addr())
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(5)),
+            );
+            if clients.len() >= min {
+                let per_worker = self.worker_connections().unwrap();
+                if per_worker.len() >= 2 && per_worker.values().all(|n| *n > 0) {
+                    return clients;
+                }
+            }
+        }
+        panic!(
+            "connections did not reach both workers: {:?}",
+            self.worker_connections()
+        );
+    }
+
+    /// Waits (at most 3 s) for a Sluice metric to read `value` and asserts
+    /// it does: the filter refreshes its gauges every second.
+    pub fn await_wasm_metric(&self, name: &str, value: u64) {
+        let read = || self.wasm_metric(name).unwrap().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while read() != value && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(read(), value, "{name}");
+    }
+
     /// Kill Envoy now (drop does the same).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

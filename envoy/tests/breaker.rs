@@ -54,36 +54,13 @@ impl Rig {
         self.envoy.wasm_metric(name).unwrap().unwrap_or(0)
     }
 
-    /// Waits (bounded) for a gauge to read `value`; the filter refreshes
-    /// gauges every second.
     fn await_metric(&self, name: &str, value: u64) {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.metric(name) != value && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(self.metric(name), value, "{name}");
+        self.envoy.await_wasm_metric(name, value);
     }
 
     /// Keep-alive clients until both workers have accepted connections.
     fn clients_on_both_workers(&self) -> Vec<Client> {
-        let mut clients = Vec::new();
-        for _ in 0..64 {
-            clients.push(
-                Client::connect(self.envoy.addr())
-                    .unwrap()
-                    .with_timeout(Duration::from_secs(5)),
-            );
-            if clients.len() >= 6 {
-                let per_worker = self.envoy.worker_connections().unwrap();
-                if per_worker.len() >= 2 && per_worker.values().all(|n| *n > 0) {
-                    return clients;
-                }
-            }
-        }
-        panic!(
-            "connections did not reach both workers: {:?}",
-            self.envoy.worker_connections()
-        );
+        self.envoy.clients_on_both_workers(6)
     }
 
     /// Envoy log lines of one breaker's state changes (`from -> to: reason`).
