@@ -638,12 +638,13 @@ impl HttpContext for SluiceStream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(exchange) = self.exchange.as_mut() {
             if !exchange.rejected && exchange.responded_ms.is_none() {
-                exchange.responded_ms = Some(now_ms());
+                let now = now_ms();
+                exchange.responded_ms = Some(now);
                 exchange.status = host::response_status();
                 exchange.attempts = host::integer_property(ATTEMPT_COUNT);
                 // The router retries no more once it passes response
                 // headers on: unused retries go back to the budget now.
-                self.settle_retries();
+                self.settle_retries(now);
             }
         }
         Action::Continue
@@ -653,7 +654,12 @@ impl HttpContext for SluiceStream {
         let Some(active) = self.active.clone() else {
             return;
         };
-        self.settle_retries();
+        if self.exchange.is_none() {
+            // Unmatched: nothing to settle or book, no clock read.
+            return;
+        }
+        let now = now_ms();
+        self.settle_retries(now);
         let Some(exchange) = self.exchange.take() else {
             return;
         };
@@ -663,7 +669,6 @@ impl HttpContext for SluiceStream {
         let Some((service, runtime)) = active.service(exchange.service) else {
             return;
         };
-        let now = now_ms();
         let booked = service.breaker.is_some()
             || (exchange.side == Side::Canary && service.rollout.is_some());
         if !booked {
@@ -713,7 +718,7 @@ impl HttpContext for SluiceStream {
 
 impl SluiceStream {
     /// Returns the retries the request did not use to the budget, once.
-    fn settle_retries(&mut self) {
+    fn settle_retries(&mut self, now: u64) {
         let Some(active) = self.active.as_deref() else {
             return;
         };
@@ -734,7 +739,6 @@ impl SluiceStream {
         let attempts = exchange
             .attempts
             .or_else(|| host::integer_property(ATTEMPT_COUNT));
-        let now = now_ms();
         let _ = shared::update(&HostStore, &retry_runtime.key, |bytes| {
             (
                 retry::settle(bytes, policy, now, &reservation, attempts),
