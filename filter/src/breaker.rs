@@ -69,7 +69,7 @@ const MAX_DURATION_MS: u64 = 3_600_000;
 pub(crate) const PPM: u64 = 1_000_000;
 
 /// Byte-encoding version; bytes of any other version are a fresh state.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Upstream failures in Envoy's `response.flags` attribute (its legacy
 /// bitmask): UT request timeout 0x4, UR remote reset 0x10, UF connection
@@ -321,6 +321,12 @@ impl Outcome {
         self.failures() > 0
     }
 
+    /// A success that can change nothing but the counts: one attempt, no
+    /// failure, not slow. A worker may hold these back (`PendingSuccesses`).
+    pub fn is_clean_success(&self, config: &BreakerConfig) -> bool {
+        self.calls() == 1 && !self.failed && !self.slow(config)
+    }
+
     fn slow(&self, config: &BreakerConfig) -> bool {
         config
             .slow
@@ -520,17 +526,32 @@ pub fn state(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Break
 /// `TryProbe` needs a write (`admit` under CAS); the common closed case and
 /// an open breaker cost no write at all.
 pub fn check(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Check {
+    State::load(bytes, config, now_ms).check(config, now_ms)
+}
+
+/// `check`, and whether a run of failures is under way (the last outcome
+/// written was a failure). A worker that knows of one neither trusts a
+/// cached verdict nor holds its successes back: the breaker may be about to
+/// trip, and a success ends the run.
+pub fn check_run(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> (Check, bool) {
     let state = State::load(bytes, config, now_ms);
-    match state.mode {
-        BreakerState::Closed => Check::Allowed,
-        BreakerState::Open if now_ms < state.until_ms => Check::Rejected {
-            retry_after_ms: state.until_ms - now_ms,
-        },
-        BreakerState::Open => Check::TryProbe,
-        BreakerState::HalfOpen if state.slot_available(config, now_ms) => Check::TryProbe,
-        BreakerState::HalfOpen => Check::Rejected {
-            retry_after_ms: PROBES_BUSY_RETRY_MS,
-        },
+    (state.check(config, now_ms), state.run_under_way(config))
+}
+
+impl State {
+    fn check(&self, config: &BreakerConfig, now_ms: u64) -> Check {
+        let state = self;
+        match state.mode {
+            BreakerState::Closed => Check::Allowed,
+            BreakerState::Open if now_ms < state.until_ms => Check::Rejected {
+                retry_after_ms: state.until_ms - now_ms,
+            },
+            BreakerState::Open => Check::TryProbe,
+            BreakerState::HalfOpen if state.slot_available(config, now_ms) => Check::TryProbe,
+            BreakerState::HalfOpen => Check::Rejected {
+                retry_after_ms: PROBES_BUSY_RETRY_MS,
+            },
+        }
     }
 }
 
@@ -611,44 +632,182 @@ pub fn record(
     random: u64,
 ) -> (Vec<u8>, Option<Transition>) {
     let mut state = State::load(bytes, config, now_ms);
-    let transition = match state.mode {
-        BreakerState::Closed => state.record_closed(config, now_ms, outcome, random),
-        BreakerState::Open => None,
-        BreakerState::HalfOpen => match probe {
-            Some(token) if state.free(token) => {
-                let verdict = if outcome.any_failure() {
-                    Some(Reason::ProbeFailed)
-                } else if outcome.slow(config) {
-                    config.slow.map(|slow| Reason::ProbeSlow {
-                        slow_ms: slow.threshold_ms,
-                    })
-                } else {
-                    None
-                };
-                match verdict {
-                    Some(reason) => Some(state.trip(config, now_ms, random, reason)),
-                    None => {
-                        state.succeeded = state.succeeded.saturating_add(1);
-                        if state.succeeded >= config.half_open_requests {
-                            state.close(now_ms, config);
-                            Some(Transition {
-                                from: BreakerState::HalfOpen,
-                                to: BreakerState::Closed,
-                                reason: Reason::ProbesSucceeded {
-                                    probes: config.half_open_requests,
-                                },
-                                open_ms: None,
-                            })
-                        } else {
-                            None
+    let transition = state.record(config, now_ms, outcome, probe, random);
+    (state.encode(), transition)
+}
+
+impl State {
+    fn record(
+        &mut self,
+        config: &BreakerConfig,
+        now_ms: u64,
+        outcome: Outcome,
+        probe: Option<ProbeToken>,
+        random: u64,
+    ) -> Option<Transition> {
+        let state = self;
+        match state.mode {
+            BreakerState::Closed => state.record_closed(config, now_ms, outcome, random),
+            BreakerState::Open => None,
+            BreakerState::HalfOpen => match probe {
+                Some(token) if state.free(token) => {
+                    let verdict = if outcome.any_failure() {
+                        Some(Reason::ProbeFailed)
+                    } else if outcome.slow(config) {
+                        config.slow.map(|slow| Reason::ProbeSlow {
+                            slow_ms: slow.threshold_ms,
+                        })
+                    } else {
+                        None
+                    };
+                    match verdict {
+                        Some(reason) => Some(state.trip(config, now_ms, random, reason)),
+                        None => {
+                            state.succeeded = state.succeeded.saturating_add(1);
+                            if state.succeeded >= config.half_open_requests {
+                                state.close(now_ms, config);
+                                Some(Transition {
+                                    from: BreakerState::HalfOpen,
+                                    to: BreakerState::Closed,
+                                    reason: Reason::ProbesSucceeded {
+                                        probes: config.half_open_requests,
+                                    },
+                                    open_ms: None,
+                                })
+                            } else {
+                                None
+                            }
                         }
                     }
                 }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Clean successes a worker has seen and not yet written to the shared
+/// breaker: a request admitted while closed, answered by its first attempt
+/// without failure and not slow. Writing each would cost two host calls and
+/// a copy per request, the price of everything else the filter does. A
+/// success cannot trip a breaker or change its state, so the worker keeps a
+/// count per bucket and books them all with its next write to this breaker
+/// (a failure, a probe) or on its tick, whichever comes first: every
+/// decision this worker makes sees every success it has seen, and the
+/// others see them within a tick. Failures are never held back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingSuccesses {
+    /// (bucket epoch, successes), oldest first; at most `BUCKETS` entries.
+    buckets: Vec<(u64, u32)>,
+    /// When the newest was seen.
+    last_ms: u64,
+}
+
+impl PendingSuccesses {
+    pub fn new() -> Self {
+        PendingSuccesses {
+            buckets: Vec::with_capacity(2),
+            last_ms: 0,
+        }
+    }
+
+    /// Counts one clean success seen at `now_ms`.
+    pub fn add(&mut self, config: &BreakerConfig, now_ms: u64) {
+        self.last_ms = self.last_ms.max(now_ms);
+        let epoch = now_ms / config.bucket_ms();
+        if let Some((last, count)) = self.buckets.last_mut() {
+            if *last == epoch {
+                *count = count.saturating_add(1);
+                return;
             }
-            _ => None,
-        },
+        }
+        if self.buckets.len() >= BUCKETS {
+            // Older than the whole window: it would be dropped on booking.
+            self.buckets.remove(0);
+        }
+        self.buckets.push((epoch, 1));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.buckets.clear();
+        self.last_ms = 0;
+    }
+
+    /// Successes held.
+    pub fn count(&self) -> u64 {
+        self.buckets
+            .iter()
+            .map(|&(_, count)| u64::from(count))
+            .sum()
+    }
+}
+
+impl State {
+    /// Books held successes. Only a closed breaker counts them: while open
+    /// or half-open, a request admitted while closed decides nothing (as in
+    /// `record`). A bucket that has left the window is dropped.
+    fn run_under_way(&self, _config: &BreakerConfig) -> bool {
+        self.consecutive > 0
+    }
+
+    fn book_successes(&mut self, config: &BreakerConfig, pending: &PendingSuccesses) {
+        if self.mode != BreakerState::Closed || pending.is_empty() {
+            return;
+        }
+        let span = BUCKETS as u64;
+        for &(epoch, count) in &pending.buckets {
+            if self.head > epoch && self.head - epoch >= span {
+                continue;
+            }
+            if let Some(bucket) = self.bucket(config, epoch.saturating_mul(config.bucket_ms())) {
+                bucket.calls = bucket.calls.saturating_add(count);
+            }
+        }
+        // A success ends the run only if it came after the run's last
+        // failure (written by any worker): one held from before it belongs
+        // to an earlier run.
+        if pending.last_ms > self.last_failure_ms {
+            self.consecutive = 0;
+        }
+    }
+}
+
+/// Books a worker's held successes, then (if any) a finished request, in
+/// one write; for `shared::update`. Also returns what `check_run` says of
+/// the written state, so the worker can cache it.
+pub fn record_held(
+    bytes: Option<&[u8]>,
+    config: &BreakerConfig,
+    now_ms: u64,
+    pending: &PendingSuccesses,
+    finished: Option<(Outcome, Option<ProbeToken>)>,
+    random: u64,
+) -> (Vec<u8>, (Option<Transition>, Check, bool)) {
+    let mut state = State::load(bytes, config, now_ms);
+    state.book_successes(config, pending);
+    let transition = match finished {
+        Some((outcome, probe)) => state.record(config, now_ms, outcome, probe, random),
+        None => None,
     };
-    (state.encode(), transition)
+    let check = state.check(config, now_ms);
+    let run = state.run_under_way(config);
+    (state.encode(), (transition, check, run))
+}
+
+/// `admit` after booking the worker's held successes: one write.
+pub fn admit_held(
+    bytes: Option<&[u8]>,
+    config: &BreakerConfig,
+    now_ms: u64,
+    pending: &PendingSuccesses,
+) -> (Vec<u8>, (Admission, Option<Transition>)) {
+    let mut state = State::load(bytes, config, now_ms);
+    state.book_successes(config, pending);
+    admit(Some(&state.encode()), config, now_ms)
 }
 
 /// Gives a probe slot back without a verdict, for `shared::update` (the
@@ -719,6 +878,9 @@ struct State {
     /// Trips in a row since the breaker last closed (for the doubling).
     streak: u8,
     consecutive: u32,
+    /// When the last failure was written: a held success older than it
+    /// came before it, and does not break the run it belongs to.
+    last_failure_ms: u64,
     until_ms: u64,
     generation: u32,
     /// Probe slots in flight, one bit each (`half_open_requests` <= 100).
@@ -729,7 +891,7 @@ struct State {
     buckets: [Bucket; BUCKETS],
 }
 
-const HEADER_LEN: usize = 1 + 1 + 1 + 1 + 4 + 8 + 4 + 8 + 16;
+const HEADER_LEN: usize = 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 8 + 16;
 const ENCODED_LEN: usize = HEADER_LEN + BUCKETS * 12;
 
 impl State {
@@ -738,6 +900,7 @@ impl State {
             mode: BreakerState::Closed,
             streak: 0,
             consecutive: 0,
+            last_failure_ms: 0,
             until_ms: 0,
             generation: 0,
             slots: 0,
@@ -781,6 +944,7 @@ impl State {
         let streak = reader.u8()?;
         let succeeded = reader.u8()?;
         let consecutive = reader.u32()?;
+        let last_failure_ms = reader.u64()?;
         let until_ms = reader.u64()?;
         let generation = reader.u32()?;
         let head = reader.u64()?;
@@ -795,6 +959,7 @@ impl State {
             mode,
             streak,
             consecutive,
+            last_failure_ms,
             until_ms,
             generation,
             slots,
@@ -811,6 +976,7 @@ impl State {
         out.push(self.streak);
         out.push(self.succeeded);
         out.extend_from_slice(&self.consecutive.to_le_bytes());
+        out.extend_from_slice(&self.last_failure_ms.to_le_bytes());
         out.extend_from_slice(&self.until_ms.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&self.head.to_le_bytes());
@@ -896,6 +1062,7 @@ impl State {
         // The retried attempts came before the final one: a success ends the
         // run of failures, a failure extends it by every attempt.
         self.consecutive = if outcome.failed {
+            self.last_failure_ms = self.last_failure_ms.max(now_ms);
             self.consecutive.saturating_add(outcome.calls())
         } else {
             0

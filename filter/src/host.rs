@@ -59,6 +59,7 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -209,6 +210,55 @@ pub fn set_request_header(name: &str, value: &[u8]) {
     };
 }
 
+/// The most pairs, and bytes, the host's `PairsUtil::toPairs` accepts.
+/// Beyond either it reads the map as EMPTY, and `set_header_map_pairs`
+/// would then delete every request header: never send more.
+const PAIRS_MAX_COUNT: usize = 1024;
+const PAIRS_MAX_BYTES: usize = 1024 * 1024;
+
+/// Replaces the whole request header map with `pairs`, in order (repeated
+/// names stay repeated): one host call for any number of changes. False,
+/// and nothing done, when the map is beyond what the host accepts whole or
+/// the host refused it.
+pub fn set_request_header_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> bool {
+    let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
+    if pairs.len() > PAIRS_MAX_COUNT {
+        return false;
+    }
+    let serialized = serialize_pairs(&pairs);
+    if serialized.len() > PAIRS_MAX_BYTES {
+        return false;
+    }
+    // SAFETY: live slice for the duration of the call.
+    let status = unsafe {
+        proxy_set_header_map_pairs(REQUEST_HEADERS, serialized.as_ptr(), serialized.len())
+    };
+    status == OK
+}
+
+/// The ABI's header map encoding: the count, each pair's two lengths, then
+/// each name and value followed by a NUL byte; every number a LE `u32`.
+fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let text: usize = pairs
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 2)
+        .sum();
+    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + text);
+    let length = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&length(pairs.len()));
+    for (name, value) in pairs {
+        out.extend_from_slice(&length(name.len()));
+        out.extend_from_slice(&length(value.len()));
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name);
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
+}
+
 /// Removes every value of a request header.
 pub fn remove_request_header(name: &str) {
     // SAFETY: live slice for the duration of the call.
@@ -254,18 +304,11 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> bool {
 
 /// Answers the request locally with `status`, `headers` and `body`.
 pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut serialized = Vec::with_capacity(64);
-    serialized.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (name, value) in headers {
-        serialized.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        serialized.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    }
-    for (name, value) in headers {
-        serialized.extend_from_slice(name.as_bytes());
-        serialized.push(0);
-        serialized.extend_from_slice(value.as_bytes());
-        serialized.push(0);
-    }
+    let headers: Vec<(&[u8], &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
+        .collect();
+    let serialized = serialize_pairs(&headers);
     let details = b"sluice_circuit_breaker_open";
     // SAFETY: live slices for the duration of the call.
     let _ = unsafe {

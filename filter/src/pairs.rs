@@ -9,6 +9,7 @@
 /// The header pairs of `request_header_pairs`, read in place: a count, then
 /// a (name length, value length) pair per header, then each name and value
 /// followed by a NUL byte. A malformed buffer reads as no headers.
+#[derive(Debug, Clone, Copy)]
 pub struct HeaderPairs<'a> {
     buffer: &'a [u8],
 }

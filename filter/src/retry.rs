@@ -706,66 +706,70 @@ pub fn reserve(
     now_ms: u64,
     wanted: u32,
 ) -> (Vec<u8>, Reservation) {
-    let budget = &policy.budget;
-    let mut state = BudgetState::decode(bytes, budget, now_ms);
-    let second = state.head;
-    if let Some(slot) = state.slot_mut(second) {
-        slot.requests = slot.requests.saturating_add(1);
-    }
-    let available = state.tokens(budget);
-    // The first retry takes any whole token; deeper ones only what lies
-    // above the cushion kept for the first retries of requests to come.
-    let cushion = state.open() / CUSHION_DIVISOR;
-    let deep = available.saturating_sub(cushion);
-    let mut granted = if available == 0 {
-        0
-    } else {
-        u32::try_from(u64::from(wanted).min(deep.max(1))).unwrap_or(0)
-    };
-    if granted > 0 {
-        match state.slot_mut(second) {
-            Some(slot) => match slot.retries.checked_add(granted) {
-                Some(retries) => {
-                    slot.retries = retries;
-                    slot.open = slot.open.saturating_add(1);
-                }
-                None => granted = 0,
-            },
-            None => granted = 0,
-        }
-    }
-    let reservation = Reservation {
-        epoch: state.epoch,
-        second,
-        granted,
-        denied: wanted - granted,
-        dry: available < u64::from(wanted),
-        level: state.tokens(budget),
-    };
-    (state.encode(), reservation)
+    reserve_settling(bytes, policy, now_ms, wanted, &[])
 }
 
-/// Settles a reservation once the router is done with the request: the
-/// retries it did not use go back to the slot they were taken from, if that
-/// slot (of the same state) is still in the window. The router is done when
-/// the response headers reach the filter (it never retries after passing
-/// them on); a stream that ends without them is settled in `on_log`. `attempts_made` is
-/// `upstream.request_attempt_count`; when unknown, nothing is refunded (the
-/// budget errs on the side of fewer retries; the charge expires with the
-/// window). Pure: give it to `shared::update`. A reservation with nothing
-/// granted needs no settling.
-pub fn settle(
-    bytes: Option<&[u8]>,
-    policy: &RetryPolicy,
-    now_ms: u64,
-    reservation: &Reservation,
-    attempts_made: Option<u64>,
-) -> Vec<u8> {
-    let mut state = BudgetState::decode(bytes, &policy.budget, now_ms);
-    if reservation.granted > 0 && reservation.epoch == state.epoch {
-        if let Some(slot) = state.slot_mut(reservation.second) {
+impl BudgetState {
+    fn reserve(&mut self, budget: &Budget, wanted: u32) -> Reservation {
+        let second = self.head;
+        if let Some(slot) = self.slot_mut(second) {
+            slot.requests = slot.requests.saturating_add(1);
+        }
+        let available = self.tokens(budget);
+        // The first retry takes any whole token; deeper ones only what lies
+        // above the cushion kept for the first retries of requests to come.
+        let cushion = self.open() / CUSHION_DIVISOR;
+        let deep = available.saturating_sub(cushion);
+        let mut granted = if available == 0 {
+            0
+        } else {
+            u32::try_from(u64::from(wanted).min(deep.max(1))).unwrap_or(0)
+        };
+        if granted > 0 {
+            match self.slot_mut(second) {
+                Some(slot) => match slot.retries.checked_add(granted) {
+                    Some(retries) => {
+                        slot.retries = retries;
+                        slot.open = slot.open.saturating_add(1);
+                    }
+                    None => granted = 0,
+                },
+                None => granted = 0,
+            }
+        }
+        Reservation {
+            epoch: self.epoch,
+            second,
+            granted,
+            denied: wanted - granted,
+            dry: available < u64::from(wanted),
+            level: self.tokens(budget),
+        }
+    }
+}
+
+/// A finished request's reservation and the attempts the router made, kept
+/// by the worker until its next write to the budget (see `reserve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    pub reservation: Reservation,
+    /// `upstream.request_attempt_count`; when unknown, nothing is refunded
+    /// (the budget errs on the side of fewer retries; the charge expires
+    /// with the window).
+    pub attempts_made: Option<u64>,
+}
+
+impl BudgetState {
+    /// Gives back the retries a request did not use to the slot they were
+    /// taken from, if that slot (of the same state) is still in the window.
+    fn settle(&mut self, settlement: &Settlement) {
+        let reservation = &settlement.reservation;
+        if reservation.granted == 0 || reservation.epoch != self.epoch {
+            return;
+        }
+        if let Some(slot) = self.slot_mut(reservation.second) {
             let granted = u64::from(reservation.granted);
-            let unused = attempts_made.map_or(0, |attempts| {
+            let unused = settlement.attempts_made.map_or(0, |attempts| {
                 granted - attempts.saturating_sub(1).min(granted)
             });
             // unused ≤ granted, a u32.
@@ -773,7 +777,72 @@ pub fn settle(
             slot.open = slot.open.saturating_sub(1);
         }
     }
+}
+
+/// Settles the worker's finished requests, then deposits this request and
+/// reserves up to `wanted` retries for it: one write for all of them.
+///
+/// A worker does not write each settlement as it happens: a write is two
+/// host calls and a copy, as much as the rest of the request. It keeps them
+/// (they are a few words each) and hands them to its next reservation, or to
+/// its tick when traffic stops. A refund that waits only ever makes the
+/// balance LOWER than it would be (the tokens are still charged), so the
+/// bound stays exact; the cost is that a worker's unused retries reach the
+/// others a tick late at worst, and sooner under load, when it matters.
+pub fn reserve_settling(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    wanted: u32,
+    settlements: &[Settlement],
+) -> (Vec<u8>, Reservation) {
+    let budget = &policy.budget;
+    let mut state = BudgetState::decode(bytes, budget, now_ms);
+    for settlement in settlements {
+        state.settle(settlement);
+    }
+    let reservation = state.reserve(budget, wanted);
+    (state.encode(), reservation)
+}
+
+/// Settles finished requests with no reservation to make (a tick, or a
+/// worker that keeps too many). Pure: give it to `shared::update`.
+pub fn settle_all(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    settlements: &[Settlement],
+) -> Vec<u8> {
+    let mut state = BudgetState::decode(bytes, &policy.budget, now_ms);
+    for settlement in settlements {
+        state.settle(settlement);
+    }
     state.encode()
+}
+
+/// Settles one reservation once the router is done with the request: the
+/// retries it did not use go back to the slot they were taken from, if that
+/// slot (of the same state) is still in the window. The router is done when
+/// the response headers reach the filter (it never retries after passing
+/// them on). `attempts_made` is `upstream.request_attempt_count`; when
+/// unknown, nothing is refunded. Pure: give it to `shared::update`. A
+/// reservation with nothing granted needs no settling.
+pub fn settle(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    reservation: &Reservation,
+    attempts_made: Option<u64>,
+) -> Vec<u8> {
+    settle_all(
+        bytes,
+        policy,
+        now_ms,
+        &[Settlement {
+            reservation: *reservation,
+            attempts_made,
+        }],
+    )
 }
 
 /// Whole tokens available now (the gauge).

@@ -40,6 +40,11 @@ const UR: u64 = 0x10;
 const UF: u64 = 0x20;
 const UC: u64 = 0x40;
 
+/// How long a worker trusts its last read of a closed breaker (the filter's
+/// `BREAKER_CACHE_MS`): a breaker another worker opened is seen by every
+/// worker within this, or at its own next failure.
+const BREAKER_CACHE_MS: u64 = 100;
+
 const STABLE_BREAKER: &str = "sluice: breaker of service shop, cluster shop_v1: ";
 const CANARY_BREAKER: &str = "sluice: breaker of service shop, cluster shop_v2: ";
 
@@ -69,13 +74,17 @@ impl Rig {
         &self.vms[1 + i % (self.vms.len() - 1)]
     }
 
+    /// A gauge, once the workers' tick has refreshed it.
     fn gauge(&self, name: &str) -> u64 {
+        self.proxy.tick_now();
         self.proxy
             .gauge(name)
             .unwrap_or_else(|| panic!("no gauge {name}"))
     }
 
+    /// A counter, once the workers' tick has flushed it.
     fn counter(&self, name: &str) -> u64 {
+        self.proxy.tick_now();
         self.proxy.counter(name).unwrap_or(0)
     }
 
@@ -243,6 +252,7 @@ fn trip_stable(rig: &Rig) -> u64 {
     for i in 0..5 {
         assert_eq!(send(rig.w(i), STABLE, 503).cluster(), "shop_v1");
     }
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
     retry_after(&send(rig.w(0), STABLE, 200))
 }
 
@@ -258,7 +268,11 @@ fn the_failure_rate_over_the_sliding_window_trips_the_breaker() {
     rig.proxy.advance_ms(11_000);
     // Alternating success/failure: 19 calls, 9 failures. Had the old calls
     // stayed in the window, 0.7 of 20 calls would have tripped it long ago.
+    // (One worker sees only the successes, the other only the failures;
+    // the first learns of each run of failures within BREAKER_CACHE_MS and
+    // then writes its successes at once, which breaks the run.)
     for i in 0..19 {
+        rig.proxy.advance_ms(BREAKER_CACHE_MS);
         let status = if i % 2 == 0 { 200 } else { 503 };
         assert_eq!(send(rig.w(i), STABLE, status).cluster(), "shop_v1");
     }
@@ -278,6 +292,7 @@ fn the_failure_rate_over_the_sliding_window_trips_the_breaker() {
     assert_eq!(rig.counter("sluice.shop.breaker.stable.trips"), 1);
     assert_eq!(rig.gauge("sluice.shop.breaker.stable.state"), 1);
     // Both workers now turn stable's traffic away; canary is unaffected.
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
     for i in 0..4 {
         let seen = send(rig.w(i), STABLE, 200);
         assert!((5..=6).contains(&retry_after(&seen)), "{seen:?}");
@@ -313,6 +328,7 @@ fn consecutive_failures_trip_the_breaker_and_a_success_breaks_the_run() {
         )),
         "{log:?}"
     );
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
     assert!(send(rig.w(1), STABLE, 200).is_rejected());
 }
 
@@ -369,6 +385,7 @@ fn every_retried_attempt_counts_as_a_failed_call() {
         log[0].contains("closed -> open: failure rate 0.67 >= 0.5 over 21 requests in 10s"),
         "{log:?}"
     );
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
     assert!(send(rig.w(1), STABLE, 200).is_rejected());
 
     // Consecutive failures count attempts too: 3 + 2 attempts, all failed.
@@ -800,6 +817,7 @@ fn with_both_breakers_open_canary_users_fail_fast_too() {
     }
     assert_eq!(rig.gauge("sluice.shop.breaker.canary.state"), 1);
     // Canary cannot take them, stable cannot either: a fast 503 for all.
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
     for i in 0..4 {
         assert!((4..=6).contains(&retry_after(&send(rig.w(i), CANARY, 200))));
         assert!((4..=6).contains(&retry_after(&send_user(rig.w(i), "u1", |_| 200))));

@@ -266,7 +266,9 @@ impl Rig {
         }
     }
 
+    /// A counter, once the workers' tick has flushed it.
     fn counter(&self, name: &str) -> u64 {
+        self.proxy.tick_now();
         self.proxy.counter(name).unwrap_or(0)
     }
 

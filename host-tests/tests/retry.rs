@@ -116,13 +116,16 @@ fn complete(stream: &Stream, attempts: u64, status: u32) {
     );
 }
 
-/// The budget level as the next tick of `vm` reports it.
+/// The budget level as the next tick reports it (every worker's tick
+/// writes what it holds first; `vm`'s comes last and sets the gauge).
 fn level_now(proxy: &Proxy, vm: &Vm) -> u64 {
+    proxy.tick_now();
     vm.tick();
     proxy.gauge("sluice.shop.retry.budget_level").unwrap()
 }
 
 fn counter(proxy: &Proxy, name: &str) -> u64 {
+    proxy.tick_now();
     proxy
         .counter(&format!("sluice.shop.retry.{name}"))
         .unwrap_or(0)

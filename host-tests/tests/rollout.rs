@@ -69,14 +69,17 @@ impl Rig {
     }
 
     fn weight_bp(&self) -> u64 {
+        self.proxy.tick_now();
         self.proxy.gauge("sluice.shop.rollout.weight_bp").unwrap()
     }
 
     fn state(&self) -> u64 {
+        self.proxy.tick_now();
         self.proxy.gauge("sluice.shop.rollout.state").unwrap()
     }
 
     fn rollbacks(&self) -> u64 {
+        self.proxy.tick_now();
         self.proxy
             .counter("sluice.shop.rollout.rollbacks")
             .unwrap_or(0)
@@ -444,6 +447,9 @@ fn a_canary_hidden_by_its_open_breaker_still_fails_the_gate() {
     for i in 0..5 {
         canary_call(rig.w(i), 503);
     }
+    // Every worker sees the open breaker within 100 ms (BREAKER_CACHE_MS).
+    rig.proxy.advance_ms(100);
+    rig.proxy.tick_now();
     assert_eq!(rig.proxy.gauge("sluice.shop.breaker.canary.state"), Some(1));
     assert_eq!(rig.rollbacks(), 0);
     // The canary's users are served by stable without an error, but each
@@ -475,6 +481,7 @@ fn a_canary_hidden_by_its_open_breaker_still_fails_the_gate() {
     for i in 0..3 {
         canary_call(rig.w(i), 200);
     }
+    rig.proxy.tick_now();
     assert_eq!(rig.proxy.gauge("sluice.shop.breaker.canary.state"), Some(0));
     assert!(rig.canary_users(USERS, &[]).is_empty());
     assert_eq!((rig.state(), rig.weight_bp()), (1, 0));

@@ -86,6 +86,7 @@ fn rules_decide_before_the_weight() {
             Some("shop_v2")
         );
     }
+    proxy.tick_now();
     assert_eq!(proxy.counter("sluice.shop.rule.0.matched"), Some(100));
     assert_eq!(proxy.counter("sluice.shop.rule.1.matched"), Some(100));
     assert_eq!(proxy.counter("sluice.shop.rule.2.matched"), Some(100));
@@ -109,6 +110,7 @@ fn the_split_is_sticky_across_workers_and_near_the_weight() {
     }
     let share = f64::from(canary) / 3_000.0;
     assert!((0.08..0.12).contains(&share), "canary share {share}");
+    proxy.tick_now();
     let routed = proxy.counter("sluice.shop.routed.canary").unwrap()
         + proxy.counter("sluice.shop.routed.stable").unwrap();
     assert_eq!(routed, 6_000);
@@ -132,6 +134,7 @@ fn mobile_users_get_the_cohort_weight() {
         (900..1_100).contains(&canary),
         "{canary} of 2000 mobile users on canary"
     );
+    proxy.tick_now();
     assert_eq!(proxy.counter("sluice.shop.rule.3.matched"), Some(2_000));
 }
 
@@ -187,6 +190,7 @@ fn a_client_cannot_steer_matched_or_not() {
         Vec::<String>::new()
     );
     stream.finish();
+    proxy.tick_now();
     assert_eq!(proxy.counter("sluice.unmatched"), Some(1));
 }
 
