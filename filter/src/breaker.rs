@@ -30,7 +30,7 @@
 //! breaker is closed (`check` is read-only) and one CAS update at request
 //! end (`record`). Only a half-open probe takes a CAS at request start.
 
-use crate::json::{error, Node, Result};
+use crate::json::{decimal, error, ratio_decimal, Node, Result};
 use crate::sticky::mix;
 use std::fmt;
 
@@ -212,17 +212,23 @@ fn count(node: &Node) -> Result<u32> {
 
 /// A rate in `(0, 1]`, in parts per million (rounded, at least 1).
 fn positive_rate(node: &Node) -> Result<u32> {
-    let rate = node.number_in(0.0, 1.0)?;
-    if rate <= 0.0 {
+    let rate = node.fixed_in(6, 0, PPM)?;
+    if rate.is_zero() {
         return node.fail("must be above 0 (0 would trip on the first call)");
     }
-    Ok(rate_ppm(rate).max(1))
+    Ok(ppm_u32(rate.rounded()).max(1))
 }
 
-/// `rate` in `[0, 1]` to parts per million.
-pub(crate) fn rate_ppm(rate: f64) -> u32 {
-    // In [0, 1_000_000] by the callers' range checks.
-    (rate * PPM as f64).round() as u32
+/// A rate in `[0, 1]` in parts per million: exact decimal arithmetic, more
+/// than six decimals rounded to nearest (half up), exponents accepted
+/// (`5e-2` is 50_000).
+pub(crate) fn rate_ppm(node: &Node) -> Result<u32> {
+    Ok(ppm_u32(node.fixed_in(6, 0, PPM)?.rounded()))
+}
+
+fn ppm_u32(ppm: u64) -> u32 {
+    // At most PPM by the callers' range checks.
+    u32::try_from(ppm).unwrap_or(u32::MAX)
 }
 
 /// The shared-data key of one cluster's breaker. The digest ties the state to
@@ -452,8 +458,8 @@ impl fmt::Display for Reason {
                 window_s,
             } => write!(
                 f,
-                "failure rate {:.2} >= {} over {calls} requests in {window_s}s",
-                ratio(failures, calls),
+                "failure rate {} >= {} over {calls} requests in {window_s}s",
+                ratio_decimal(failures, calls, 2),
                 ppm_text(threshold_ppm)
             ),
             Reason::ConsecutiveFailures { failures } => {
@@ -467,8 +473,8 @@ impl fmt::Display for Reason {
                 window_s,
             } => write!(
                 f,
-                "slow call rate {:.2} >= {} (calls of {slow_ms}ms or more) over {calls} requests in {window_s}s",
-                ratio(slow, calls),
+                "slow call rate {} >= {} (calls of {slow_ms}ms or more) over {calls} requests in {window_s}s",
+                ratio_decimal(slow, calls, 2),
                 ppm_text(threshold_ppm)
             ),
             Reason::OpenTimeElapsed { probes } => write!(
@@ -484,25 +490,17 @@ impl fmt::Display for Reason {
     }
 }
 
-fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 / whole as f64
-    }
-}
-
 /// `500_000` → `0.5`.
 pub(crate) fn ppm_text(ppm: u32) -> String {
-    format!("{}", f64::from(ppm) / PPM as f64)
+    decimal(u64::from(ppm), 6)
 }
 
-/// `5300` → `5.3s`.
+/// `5300` → `5.3s`, `5000` → `5s`.
 fn seconds(ms: u64) -> String {
     if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
-        format!("{:.1}s", ms as f64 / 1000.0)
+        format!("{}s", ratio_decimal(ms, 1000, 1))
     }
 }
 

@@ -7,7 +7,7 @@
 
 use crate::breaker::{self, BreakerConfig};
 use crate::device::DeviceClass;
-use crate::json::{error, quote, ConfigError, Node, Obj, Result};
+use crate::json::{self, error, quote, ConfigError, Node, Obj, Result, Value};
 use crate::retry::{self, RetryPolicy};
 use crate::rollout::{self, RolloutConfig};
 
@@ -101,10 +101,7 @@ pub enum RuleAction {
 impl Config {
     /// Parses and validates the plugin configuration bytes.
     pub fn parse(bytes: &[u8]) -> std::result::Result<Config, ConfigError> {
-        let document: serde_json::Value = match serde_json::from_slice(bytes) {
-            Ok(value) => value,
-            Err(err) => return error("", format!("invalid JSON: {err}")),
-        };
+        let document = json::parse(bytes)?;
         parse_config(&Node::root(&document))
     }
 
@@ -302,7 +299,7 @@ fn parse_match(node: &Node) -> Result<ServiceMatch> {
             let names = node.one_or_many_strings()?;
             let mut patterns = Vec::with_capacity(names.len());
             for (index, name) in names.iter().enumerate() {
-                let path = if matches!(node.value, serde_json::Value::Array(_)) {
+                let path = if matches!(node.value, Value::Array(_)) {
                     format!("{}[{index}]", node.path)
                 } else {
                     node.path.clone()
@@ -484,14 +481,30 @@ fn device_class(node: &Node) -> Result<DeviceClass> {
 }
 
 /// A percentage with 0.01 resolution, returned in basis points.
+///
+/// The decimal is read exactly (exponents too: `1.25e1` is 12.5). Digits
+/// beyond the resolution are refused, except float noise: a value within a
+/// millionth of a basis point of a multiple (`30.000000000000004`, which a
+/// generator's floating-point arithmetic may write) is rounded to it, as the
+/// floating-point parser this replaced did.
 pub fn weight(node: &Node) -> Result<u16> {
-    let percent = node.number_in(0.0, 100.0)?;
-    let basis_points = (percent * 100.0).round();
-    if (percent * 100.0 - basis_points).abs() > 1e-6 {
+    /// Millionths of a basis point: 10^-8 percent.
+    const SCALE: u32 = 8;
+    const PER_BP: u64 = 1_000_000;
+    let percent = node.fixed_in(SCALE, 0, u64::from(FULL_WEIGHT) * PER_BP)?;
+    let (whole, below) = (percent.units / PER_BP, percent.units % PER_BP);
+    let basis_points = if below == 0 || (below == 1 && percent.exact().is_some()) {
+        whole
+    } else if below >= PER_BP - 1 {
+        whole + 1
+    } else {
         return node.fail(format!("resolution is 0.01 percent, got {}", node.shown()));
-    }
+    };
     // In range by the check above: 0..=10_000 fits a u16.
-    Ok(basis_points as u16)
+    match u16::try_from(basis_points) {
+        Ok(basis_points) => Ok(basis_points),
+        Err(_) => node.fail(format!("must be between 0 and 100, got {}", node.shown())),
+    }
 }
 
 fn is_token_byte(byte: u8) -> bool {

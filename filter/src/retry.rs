@@ -95,6 +95,7 @@
 //! refunded. Hostile values (garbage, signs, more than 8 gRPC digits,
 //! overflow) are ignored, as if no deadline had been sent.
 
+use crate::breaker::rate_ppm;
 use crate::json::{quote, Node, Result};
 use crate::sticky::mix;
 
@@ -260,7 +261,7 @@ fn parse_budget(node: &Node) -> Result<Budget> {
     let mut object = node.object()?;
     let ratio_ppm = match object.optional("ratio") {
         // 0..=1 by the check, so 0..=1_000_000 after scaling.
-        Some(node) => (node.number_in(0.0, 1.0)? * 1e6).round() as u32,
+        Some(node) => rate_ppm(&node)?,
         None => DEFAULT_RATIO_PPM,
     };
     let min_per_s = match object.optional("min_per_s") {

@@ -35,7 +35,7 @@
 
 use crate::breaker::{ppm_text, rate_ppm, Fingerprint, Reader, PPM};
 use crate::config::{format_weight, weight, FULL_WEIGHT};
-use crate::json::{Node, Result};
+use crate::json::{ratio_decimal, Node, Result};
 use std::fmt;
 
 /// Byte-encoding version; bytes of any other version are a fresh state.
@@ -123,7 +123,7 @@ pub fn parse(node: &Node) -> Result<RolloutConfig> {
         steps_bp.push(step);
     }
     let step_ms = object.required("step_s")?.integer_in(1, MAX_STEP_S)? * 1000;
-    let max_failure_ppm = rate_ppm(object.required("max_failure_rate")?.number_in(0.0, 1.0)?);
+    let max_failure_ppm = rate_ppm(&object.required("max_failure_rate")?)?;
     let min_requests = match object.optional("min_requests") {
         // 1..=1_000_000_000 fits a u32.
         Some(node) => node.integer_in(1, 1_000_000_000)? as u32,
@@ -263,8 +263,8 @@ impl fmt::Display for RolloutEvent {
                 if requests >= min_requests {
                     write!(
                         f,
-                        "canary failure rate {:.3} > {limit} over {requests} requests",
-                        f64::from(failures) / f64::from(requests.max(1))
+                        "canary failure rate {} > {limit} over {requests} requests",
+                        ratio_decimal(u64::from(failures), u64::from(requests), 3)
                     )?;
                 } else {
                     write!(

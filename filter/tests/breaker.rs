@@ -7,7 +7,6 @@
     clippy::indexing_slicing
 )]
 
-use serde_json::Value;
 use sluice::breaker::{
     self, admit, check, is_failure, open_duration, record, release, retry_after_seconds, state,
     Admission, BreakerConfig, BreakerState, Check, Outcome, ProbeToken, Reason, Transition,
@@ -21,12 +20,12 @@ use std::cell::RefCell;
 const T0: u64 = 1_795_000_000_000;
 
 fn config(json: &str) -> BreakerConfig {
-    let value: Value = serde_json::from_str(json).unwrap();
+    let value = sluice::json::parse(json.as_bytes()).unwrap();
     breaker::parse(&Node::root(&value)).unwrap()
 }
 
 fn refused(json: &str) -> String {
-    let value: Value = serde_json::from_str(json).unwrap();
+    let value = sluice::json::parse(json.as_bytes()).unwrap();
     let node = Node {
         path: "services[0].breaker".into(),
         value: &value,
@@ -161,6 +160,19 @@ fn the_documented_example_parses() {
 }
 
 #[test]
+fn rates_are_exact_decimals_in_ppm() {
+    let rate = |text: &str| config(&format!(r#"{{"failure_rate": {text}}}"#)).failure_rate_ppm;
+    assert_eq!(rate("0.25"), 250_000);
+    assert_eq!(rate("1"), 1_000_000);
+    assert_eq!(rate("5e-2"), 50_000);
+    assert_eq!(rate("0.3333333"), 333_333);
+    assert_eq!(rate("0.9999995"), 1_000_000);
+    // Above zero but below a ppm: at least 1 ppm, never 0.
+    assert_eq!(rate("0.0000001"), 1);
+    assert_eq!(rate("1e-30"), 1);
+}
+
+#[test]
 fn each_refusal_names_the_path_and_the_reason() {
     let cases: &[(&str, &str)] = &[
         (r#"[]"#, "services[0].breaker: must be an object, got a list"),
@@ -169,6 +181,8 @@ fn each_refusal_names_the_path_and_the_reason() {
         (r#"{"window_s": 1.5}"#, "services[0].breaker.window_s: must be a whole number between 1 and 300, got 1.5"),
         (r#"{"failure_rate": 0}"#, "services[0].breaker.failure_rate: must be above 0 (0 would trip on the first call)"),
         (r#"{"failure_rate": 1.5}"#, "services[0].breaker.failure_rate: must be between 0 and 1, got 1.5"),
+        (r#"{"failure_rate": 0.0e5}"#, "services[0].breaker.failure_rate: must be above 0 (0 would trip on the first call)"),
+        (r#"{"slow_ms": 10, "slow_rate": -0.5}"#, "services[0].breaker.slow_rate: must be between 0 and 1, got -0.5"),
         (r#"{"min_requests": 0}"#, "services[0].breaker.min_requests: must be between 1 and 1000000, got 0"),
         (r#"{"consecutive_failures": 0}"#, "services[0].breaker.consecutive_failures: must be between 1 and 1000000, got 0"),
         (r#"{"slow_ms": 1000}"#, "services[0].breaker.slow_rate: is required with slow_ms (which share of calls may be slow)"),
@@ -177,7 +191,7 @@ fn each_refusal_names_the_path_and_the_reason() {
         (r#"{"half_open_requests": 0}"#, "services[0].breaker.half_open_requests: must be between 1 and 100, got 0"),
         (r#"{"half_open_requests": 101}"#, "services[0].breaker.half_open_requests: must be between 1 and 100, got 101"),
         (r#"{"open_ms": "5s"}"#, "services[0].breaker.open_ms: must be a whole number, got a string"),
-        (r#"{"windows": 10}"#, "services[0].breaker.windows: unknown key (expected one of: consecutive_failures, failure_rate, half_open_requests, max_open_ms, min_requests, open_ms, slow_ms, slow_rate, window_s)"),
+        (r#"{"windows": 10}"#, "services[0].breaker.windows: unknown key (expected one of: window_s, min_requests, failure_rate, consecutive_failures, slow_ms, slow_rate, open_ms, max_open_ms, half_open_requests)"),
     ];
     for (json, expected) in cases {
         assert_eq!(&refused(json), expected, "for {json}");
@@ -188,7 +202,7 @@ fn each_refusal_names_the_path_and_the_reason() {
 fn the_key_follows_the_block_not_its_spelling() {
     let base = config(r#"{"failure_rate": 0.5}"#);
     let key = breaker::state_key("shop", "shop_v1", &base);
-    assert!(key.starts_with("sluice/breaker/v1/shop/shop_v1/"), "{key}");
+    assert!(key.starts_with("sluice/breaker/v2/shop/shop_v1/"), "{key}");
     // The same settings, spelled out with defaults: the same breaker.
     assert_eq!(
         key,
@@ -1063,7 +1077,7 @@ fn garbage_bytes_are_a_fresh_closed_breaker() {
     // Bytes of the wrong length or version read as fresh: closed, allowed.
     for blob in [
         Vec::new(),
-        vec![2u8; fresh.len()],
+        vec![3u8; fresh.len()],
         vec![1u8; fresh.len() + 1],
     ] {
         assert_eq!(check(Some(&blob), &settings, T0), Check::Allowed);
@@ -1103,7 +1117,7 @@ fn an_open_state_from_garbage_cannot_wedge_the_breaker() {
     let settings = config("{}");
     let mut open_forever = breaker::initial();
     open_forever[1] = 1; // open
-    for byte in &mut open_forever[8..16] {
+    for byte in &mut open_forever[16..24] {
         *byte = 0xff; // until the end of time
     }
     // No open time is that long: it is read as passed, and the next request probes.
@@ -1116,7 +1130,7 @@ fn an_open_state_from_garbage_cannot_wedge_the_breaker() {
     assert!(matches!(admission, Admission::Probe(_)), "{admission:?}");
     // The longest real open time still holds.
     let mut open_for_max = open_forever.clone();
-    open_for_max[8..16].copy_from_slice(&(T0 + settings.max_open_ms).to_le_bytes());
+    open_for_max[16..24].copy_from_slice(&(T0 + settings.max_open_ms).to_le_bytes());
     assert_eq!(
         check(Some(&open_for_max), &settings, T0),
         Check::Rejected {
@@ -1129,7 +1143,7 @@ fn an_open_state_from_garbage_cannot_wedge_the_breaker() {
     for byte in &mut busy_forever[28..44] {
         *byte = 0xff; // every slot taken
     }
-    for byte in &mut busy_forever[8..16] {
+    for byte in &mut busy_forever[16..24] {
         *byte = 0xff;
     }
     assert_eq!(check(Some(&busy_forever), &settings, T0), Check::TryProbe);

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 const T0: u64 = 1_700_000_000_000;
 
 fn parse(json: &str) -> Result<RetryPolicy, String> {
-    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    let value = sluice::json::parse(json.as_bytes()).unwrap();
     retry::parse(&Node {
         path: "services[0].retry".into(),
         value: &value,
@@ -165,17 +165,36 @@ fn numbers_out_of_range_are_refused_with_path_and_reason() {
         policy(r#"{"budget": {"ratio": 0.29}}"#).budget.ratio_ppm,
         290_000
     );
+    // Exact decimals: more than six decimals round to the nearest ppm,
+    // exponents are read exactly.
+    for (ratio, ppm) in [
+        ("0.3333333", 333_333),
+        ("0.6666666666", 666_667),
+        ("0.0000005", 1),
+        ("0.00000049", 0),
+        ("2e-1", 200_000),
+        ("1", 1_000_000),
+        ("1.0", 1_000_000),
+        ("0", 0),
+    ] {
+        let json = format!(r#"{{"budget": {{"ratio": {ratio}}}}}"#);
+        assert_eq!(policy(&json).budget.ratio_ppm, ppm, "{ratio}");
+    }
+    assert_eq!(
+        refused(r#"{"budget": {"ratio": 1.0000001}}"#),
+        "services[0].retry.budget.ratio: must be between 0 and 1, got 1.0000001"
+    );
 }
 
 #[test]
 fn unknown_keys_and_bad_deadline_headers_are_refused() {
     assert_eq!(
         refused(r#"{"max_retry": 3}"#),
-        "services[0].retry.max_retry: unknown key (expected one of: budget, deadline_header, max_retries, per_try_timeout_ms, retry_on, timeout_ms)"
+        "services[0].retry.max_retry: unknown key (expected one of: max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header)"
     );
     assert_eq!(
         refused(r#"{"budget": {"ratio": 0.1, "ttl": 10}}"#),
-        "services[0].retry.budget.ttl: unknown key (expected one of: min_per_s, ratio, window_s)"
+        "services[0].retry.budget.ttl: unknown key (expected one of: ratio, min_per_s, window_s)"
     );
     assert_eq!(
         refused(r#"{"budget": 0.2}"#),

@@ -301,7 +301,7 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
                 return Err(format!("refusal without a reason: {line:?}"));
             }
             if err.path.is_empty() {
-                if !(err.reason.starts_with("invalid JSON: ")
+                if !(err.reason.starts_with("invalid JSON at line ")
                     || err.reason.starts_with("must be an object"))
                 {
                     return Err(format!("refusal without a path: {line:?}"));

@@ -609,10 +609,10 @@ fn breaker_mode(bytes: Option<&[u8]>) -> Result<BreakerState, String> {
     }
 }
 
-/// `until_ms` of breaker bytes (bytes 8..16): while open, when probing may
+/// `until_ms` of breaker bytes (bytes 16..24): while open, when probing may
 /// start.
 fn breaker_until(bytes: Option<&[u8]>) -> Option<u64> {
-    let field: [u8; 8] = bytes?.get(8..16)?.try_into().ok()?;
+    let field: [u8; 8] = bytes?.get(16..24)?.try_into().ok()?;
     Some(u64::from_le_bytes(field))
 }
 
