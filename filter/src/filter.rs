@@ -727,12 +727,8 @@ impl Active {
 }
 
 fn initial_seed(now: u64) -> u64 {
-    use std::hash::BuildHasher;
-    // RandomState draws from WASI random_get, which Envoy provides; the
-    // clock separates VMs even if it did not.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(now);
-    hasher.finish()
+    // The clock separates VMs even if the host gave no randomness.
+    mix(host::random_u64().unwrap_or(0) ^ mix(now))
 }
 
 // ------------------------------------------------------------ contexts

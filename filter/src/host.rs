@@ -100,6 +100,20 @@ extern "C" {
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
 }
 
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buffer: *mut u8, length: usize) -> i32;
+}
+
+/// Eight random bytes from the host (WASI `random_get`, which Envoy
+/// provides); `None` if it refused.
+pub fn random_u64() -> Option<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: `bytes` outlives the call and is 8 bytes long.
+    let errno = unsafe { random_get(bytes.as_mut_ptr(), bytes.len()) };
+    (errno == 0).then(|| u64::from_le_bytes(bytes))
+}
+
 /// Takes ownership of a buffer the host allocated for us.
 fn take_buffer(data: *mut u8, size: usize) -> Vec<u8> {
     if data.is_null() {

@@ -12,6 +12,34 @@ use crate::config::{
 use crate::device::{classify, DeviceClass};
 use crate::sticky;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// FNV-1a for the host tables. The tables are built from the config; a
+/// request only looks up, so no client can fill a bucket (the reason for
+/// a keyed hash), and a fixed hash is faster on short names and keeps
+/// SipHash and its random keys out of the module.
+#[derive(Debug, Default)]
+pub struct HostHasher(u64);
+
+impl Hasher for HostHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &byte in bytes {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+type HostTable = HashMap<Box<[u8]>, Vec<usize>, BuildHasherDefault<HostHasher>>;
 
 /// Hosts longer than a DNS name can be are not looked up label by label.
 const MAX_HOST_LEN: usize = 253;
@@ -41,15 +69,15 @@ pub enum Decision {
 #[derive(Debug)]
 pub struct Router {
     config: Config,
-    exact_hosts: HashMap<Box<[u8]>, Vec<usize>>,
-    wildcard_suffixes: HashMap<Box<[u8]>, Vec<usize>>,
+    exact_hosts: HostTable,
+    wildcard_suffixes: HostTable,
     any_host: Vec<usize>,
 }
 
 impl Router {
     pub fn new(config: Config) -> Self {
-        let mut exact_hosts: HashMap<Box<[u8]>, Vec<usize>> = HashMap::new();
-        let mut wildcard_suffixes: HashMap<Box<[u8]>, Vec<usize>> = HashMap::new();
+        let mut exact_hosts = HostTable::default();
+        let mut wildcard_suffixes = HostTable::default();
         let mut any_host = Vec::new();
         for (index, service) in config.services.iter().enumerate() {
             let patterns = &service.matcher.authorities;
