@@ -86,6 +86,9 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Sluice's tick period (`TICK_MS` in the filter).
+pub const SLUICE_TICK: Duration = Duration::from_millis(250);
+
 /// How to run Envoy.
 #[derive(Debug, Clone)]
 pub struct EnvoyOptions {
@@ -440,6 +443,19 @@ impl Envoy {
     /// if Envoy has it.
     pub fn wasm_metric(&self, name: &str) -> io::Result<Option<u64>> {
         self.stat(&format!("wasmcustom.{name}"))
+    }
+
+    /// Waits until every worker's Sluice VM has ticked since now: the filter
+    /// adds its counters up in the VM and hands them to Envoy on its tick
+    /// (`SLUICE_TICK`), so a read right after a response may miss it.
+    pub fn await_sluice_tick(&self) {
+        std::thread::sleep(SLUICE_TICK + Duration::from_millis(150));
+    }
+
+    /// `wasm_metric` once the workers have ticked (`await_sluice_tick`).
+    pub fn settled_wasm_metric(&self, name: &str) -> io::Result<Option<u64>> {
+        self.await_sluice_tick();
+        self.wasm_metric(name)
     }
 
     /// All custom filter metrics, with the `wasmcustom.` prefix removed.

@@ -298,7 +298,7 @@ fn breaker_state_survives_a_push_that_keeps_its_block() {
     assert_eq!(
         proxy
             .envoy
-            .wasm_metric("sluice.shop.breaker.canary.trips")
+            .settled_wasm_metric("sluice.shop.breaker.canary.trips")
             .unwrap(),
         Some(1)
     );
@@ -325,7 +325,7 @@ fn breaker_state_survives_a_push_that_keeps_its_block() {
     assert_eq!(
         proxy
             .envoy
-            .wasm_metric("sluice.shop.breaker.canary.trips")
+            .settled_wasm_metric("sluice.shop.breaker.canary.trips")
             .unwrap(),
         Some(1)
     );

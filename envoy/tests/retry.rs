@@ -134,7 +134,7 @@ fn yaml(sluice: &Value, upstream: &Upstream) -> String {
 
 fn metric(envoy: &Envoy, name: &str) -> u64 {
     envoy
-        .wasm_metric(&format!("sluice.shop.retry.{name}"))
+        .settled_wasm_metric(&format!("sluice.shop.retry.{name}"))
         .unwrap()
         .unwrap_or(0)
 }

@@ -65,7 +65,7 @@ impl Rig {
     }
 
     fn metric(&self, name: &str) -> u64 {
-        self.envoy.wasm_metric(name).unwrap().unwrap_or(0)
+        self.envoy.settled_wasm_metric(name).unwrap().unwrap_or(0)
     }
 
     fn await_metric(&self, name: &str, value: u64) {

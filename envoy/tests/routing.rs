@@ -105,7 +105,7 @@ impl Rig {
     }
 
     fn metric(&self, name: &str) -> u64 {
-        self.envoy.wasm_metric(name).unwrap().unwrap_or(0)
+        self.envoy.settled_wasm_metric(name).unwrap().unwrap_or(0)
     }
 }
 
@@ -697,6 +697,7 @@ fn metrics_show_up_in_admin_stats() {
         .filter(|r| side(r) == Side::Canary)
         .count() as u64;
 
+    rig.envoy.await_sluice_tick();
     let m: BTreeMap<String, u64> = rig.envoy.wasm_metrics().unwrap();
     let get = |k: &str| {
         m.get(k)

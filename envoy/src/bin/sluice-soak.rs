@@ -607,6 +607,8 @@ fn run(opts: &Opts) -> Result<bool, String> {
 
     // ---- the report -------------------------------------------------------
     let done = tally.done.load(Ordering::Relaxed);
+    // The filter's counters reach the stats on its tick.
+    proxy.envoy.await_sluice_tick();
     let stats = proxy.envoy.stats().map_err(io)?;
     let stat = |name: &str| stats.get(name).copied().unwrap_or(0);
     let metric = |name: &str| stat(&format!("wasmcustom.sluice.shop.{name}"));
