@@ -267,7 +267,7 @@ fn count_crossings(module: &Module, traffic: &Traffic, requests: u64, later: usi
         lifecycle(&vm, &requests_pairs[n % requests_pairs.len()], &response);
     }
     proxy.advance_ms(10);
-    let mut counts: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    let mut counts: BTreeMap<String, [u64; 4]> = BTreeMap::new();
     let mut take = |phase: usize, proxy: &Proxy| {
         let logs = proxy.logs();
         let tally = instrument::tally(logs.iter().map(|l| l.message.as_str()));
