@@ -17,6 +17,7 @@ pub enum DeviceClass {
 /// and the classification must stay cheap for a hostile 60 KiB header.
 const MAX_AGENT_BYTES: usize = 1024;
 
+#[cfg(test)]
 const BOT_MARKERS: &[&[u8]] = &[
     b"bot",
     b"crawler",
@@ -30,6 +31,7 @@ const BOT_MARKERS: &[&[u8]] = &[
     b"feedfetcher",
 ];
 
+#[cfg(test)]
 const TABLET_MARKERS: &[&[u8]] = &[
     b"ipad",
     b"tablet",
@@ -42,6 +44,7 @@ const TABLET_MARKERS: &[&[u8]] = &[
     b"sm-t",
 ];
 
+#[cfg(test)]
 const MOBILE_MARKERS: &[&[u8]] = &[
     b"mobile",
     b"iphone",
@@ -53,6 +56,57 @@ const MOBILE_MARKERS: &[&[u8]] = &[
     b"iemobile",
 ];
 
+/// What a marker says about the agent.
+const BOT: u8 = 1;
+const TABLET: u8 = 2;
+const ANDROID: u8 = 4;
+/// The "mobile" token itself (an Android agent without it is a tablet).
+const MOBILE_TOKEN: u8 = 8;
+const PHONE: u8 = 16;
+
+/// The markers starting with `first` (lower-case), with what each says.
+/// One pass over the agent looks up only these at each position, instead of
+/// one search per marker: the agent is read once, whatever the list.
+fn markers_at(first: u8) -> &'static [(&'static [u8], u8)] {
+    match first {
+        b'a' => &[
+            (b"adsbot", BOT),
+            (b"apis-google", BOT),
+            (b"android", ANDROID | PHONE),
+        ],
+        b'b' => &[(b"bot", BOT), (b"bingpreview", BOT), (b"blackberry", PHONE)],
+        b'c' => &[(b"crawler", BOT)],
+        b'f' => &[(b"facebookexternalhit", BOT), (b"feedfetcher", BOT)],
+        b'i' => &[
+            (b"ipad", TABLET),
+            (b"iphone", PHONE),
+            (b"ipod", PHONE),
+            (b"iemobile", PHONE),
+        ],
+        b'k' => &[(b"kindle", TABLET)],
+        b'm' => &[
+            (b"mediapartners-google", BOT),
+            (b"mobile", MOBILE_TOKEN | PHONE),
+        ],
+        b'n' => &[
+            (b"nexus 7", TABLET),
+            (b"nexus 9", TABLET),
+            (b"nexus 10", TABLET),
+        ],
+        b'o' => &[(b"opera mini", PHONE)],
+        b'p' => &[(b"playbook", TABLET)],
+        b's' => &[
+            (b"spider", BOT),
+            (b"slurp", BOT),
+            (b"silk/", TABLET),
+            (b"sm-t", TABLET),
+        ],
+        b't' => &[(b"tablet", TABLET)],
+        b'w' => &[(b"windows phone", PHONE)],
+        _ => &[],
+    }
+}
+
 /// Classifies a user agent; a missing or empty agent is a desktop client.
 pub fn classify(user_agent: Option<&[u8]>) -> DeviceClass {
     let agent = match user_agent {
@@ -61,40 +115,106 @@ pub fn classify(user_agent: Option<&[u8]>) -> DeviceClass {
         _ => return DeviceClass::Desktop,
     };
     let head = agent.get(..MAX_AGENT_BYTES).unwrap_or(agent);
-    if contains_any(head, BOT_MARKERS) {
-        return DeviceClass::Bot;
+    let mut lower = [0u8; MAX_AGENT_BYTES];
+    for (to, from) in lower.iter_mut().zip(head) {
+        *to = from.to_ascii_lowercase();
     }
-    if contains_any(head, TABLET_MARKERS) {
-        return DeviceClass::Tablet;
+    let text = lower.get(..head.len()).unwrap_or_default();
+    let mut seen = 0u8;
+    for (at, &first) in text.iter().enumerate() {
+        let rest = text.get(at..).unwrap_or_default();
+        for (marker, says) in markers_at(first) {
+            if rest.starts_with(marker) {
+                seen |= says;
+            }
+        }
     }
-    // Android tablets drop the "Mobile" token; phones keep it.
-    if contains(head, b"android") && !contains(head, b"mobile") {
-        return DeviceClass::Tablet;
+    if seen & BOT != 0 {
+        DeviceClass::Bot
+    } else if seen & TABLET != 0 {
+        DeviceClass::Tablet
+    } else if seen & ANDROID != 0 && seen & MOBILE_TOKEN == 0 {
+        // Android tablets drop the "Mobile" token; phones keep it.
+        DeviceClass::Tablet
+    } else if seen & PHONE != 0 {
+        DeviceClass::Mobile
+    } else {
+        DeviceClass::Desktop
     }
-    if contains_any(head, MOBILE_MARKERS) {
-        return DeviceClass::Mobile;
-    }
-    DeviceClass::Desktop
-}
-
-fn contains_any(haystack: &[u8], needles: &[&[u8]]) -> bool {
-    needles.iter().any(|needle| contains(haystack, needle))
-}
-
-/// ASCII case-insensitive substring search; `needle` is lower-case.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some(&first) = needle.first() else {
-        return true;
-    };
-    haystack.windows(needle.len()).any(|window| {
-        window.first().map(u8::to_ascii_lowercase) == Some(first)
-            && window.eq_ignore_ascii_case(needle)
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The classification as one search per marker list: the definition the
+    /// one-pass `classify` must agree with.
+    fn reference(agent: &[u8]) -> DeviceClass {
+        let contains = |needle: &[u8]| {
+            agent
+                .windows(needle.len())
+                .any(|window| window.eq_ignore_ascii_case(needle))
+        };
+        let any = |list: &[&[u8]]| list.iter().any(|needle| contains(needle));
+        if agent.is_empty() {
+            DeviceClass::Desktop
+        } else if any(BOT_MARKERS) {
+            DeviceClass::Bot
+        } else if any(TABLET_MARKERS) {
+            DeviceClass::Tablet
+        } else if contains(b"android") && !contains(b"mobile") {
+            DeviceClass::Tablet
+        } else if any(MOBILE_MARKERS) {
+            DeviceClass::Mobile
+        } else {
+            DeviceClass::Desktop
+        }
+    }
+
+    #[test]
+    fn one_pass_agrees_with_one_search_per_marker() {
+        let mut agents: Vec<Vec<u8>> = Vec::new();
+        let words: Vec<&[u8]> = BOT_MARKERS
+            .iter()
+            .chain(TABLET_MARKERS)
+            .chain(MOBILE_MARKERS)
+            .copied()
+            .chain([
+                &b"Mozilla/5.0 (X11; Linux x86_64)"[..],
+                b"MOBILE",
+                b"AnDrOiD",
+                b" ",
+                b"x",
+            ])
+            .collect();
+        // Every marker alone, every pair in both orders, upper and lower.
+        for a in &words {
+            agents.push(a.to_vec());
+            agents.push(a.to_ascii_uppercase());
+            for b in &words {
+                let mut pair = a.to_vec();
+                pair.extend_from_slice(b" ");
+                pair.extend_from_slice(b);
+                agents.push(pair.clone());
+                agents.push(pair.to_ascii_uppercase());
+                // Overlapping: a marker's tail is the next one's head.
+                agents.push([*a, *b].concat());
+            }
+        }
+        // A marker straddling the 1 KiB limit is not read, in both.
+        let mut long = vec![b'a'; MAX_AGENT_BYTES - 3];
+        long.extend_from_slice(b"android");
+        agents.push(long);
+        for agent in &agents {
+            let head = agent.get(..MAX_AGENT_BYTES).unwrap_or(agent);
+            assert_eq!(
+                classify(Some(agent)),
+                reference(head),
+                "{:?}",
+                String::from_utf8_lossy(agent)
+            );
+        }
+    }
 
     fn class(agent: &str) -> DeviceClass {
         classify(Some(agent.as_bytes()))

@@ -59,7 +59,6 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
-    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -222,32 +221,6 @@ pub fn set_request_header(name: &str, value: &[u8]) {
             value.len(),
         )
     };
-}
-
-/// The most pairs, and bytes, the host's `PairsUtil::toPairs` accepts.
-/// Beyond either it reads the map as EMPTY, and `set_header_map_pairs`
-/// would then delete every request header: never send more.
-const PAIRS_MAX_COUNT: usize = 1024;
-const PAIRS_MAX_BYTES: usize = 1024 * 1024;
-
-/// Replaces the whole request header map with `pairs`, in order (repeated
-/// names stay repeated): one host call for any number of changes. False,
-/// and nothing done, when the map is beyond what the host accepts whole or
-/// the host refused it.
-pub fn set_request_header_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> bool {
-    let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
-    if pairs.len() > PAIRS_MAX_COUNT {
-        return false;
-    }
-    let serialized = serialize_pairs(&pairs);
-    if serialized.len() > PAIRS_MAX_BYTES {
-        return false;
-    }
-    // SAFETY: live slice for the duration of the call.
-    let status = unsafe {
-        proxy_set_header_map_pairs(REQUEST_HEADERS, serialized.as_ptr(), serialized.len())
-    };
-    status == OK
 }
 
 /// The ABI's header map encoding: the count, each pair's two lengths, then

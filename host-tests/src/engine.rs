@@ -30,6 +30,11 @@ pub(crate) fn engine() -> Result<&'static Engine, String> {
                 .cranelift_opt_level(OptLevel::Speed)
                 .parallel_compilation(true)
                 .epoch_interruption(true);
+            // `SLUICE_WASM_PERFMAP=1`: name the compiled Wasm functions
+            // for `perf` (/tmp/perf-<pid>.map), to profile a benchmark.
+            if std::env::var_os("SLUICE_WASM_PERFMAP").is_some() {
+                config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+            }
             let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e:?}"))?;
             let ticker = engine.clone();
             std::thread::Builder::new()

@@ -1,0 +1,243 @@
+//! Prices the host calls a filter can make, in Envoy: the plugin
+//! configuration `"<kind>:<n>"` makes the module do `n` calls of one kind per
+//! request, and `benches/hostcalls.sh` compares Envoy's CPU per request
+//! against `"none:0"`. The kinds: `clock`, `hvalue` (one request header,
+//! with the host's `malloc` callback), `pairs` (all request headers),
+//! `setpairs` (read all headers and write them back whole), `replace` (one
+//! header), `sget`/`sset` (200 bytes of shared data), `metric` (a counter
+//! increment), and at the response headers `prop` (the attempt count) and
+//! `propflags` (the response flags).
+//!
+//! ```sh
+//! bash benches/hostcalls.sh
+//! ```
+
+// Built only for wasm32, like the filter glue in `sluice`.
+#![cfg(target_arch = "wasm32")]
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::mem::MaybeUninit;
+use std::ptr::null_mut;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        kind: u32,
+        start: usize,
+        max: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_set_header_map_pairs(map: u32, data: *const u8, size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path: *const u8,
+        path_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+        cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    None,
+    Clock,
+    HeaderValue,
+    Pairs,
+    SetPairs,
+    Replace,
+    AttemptsProperty,
+    FlagsProperty,
+    SharedGet,
+    SharedSet,
+    Metric,
+}
+
+thread_local! {
+    static PLAN: Cell<(Kind, u32)> = const { Cell::new((Kind::None, 0)) };
+    static METRIC: Cell<u32> = const { Cell::new(0) };
+}
+
+const SHARED_KEY: &[u8] = b"sluice-probe";
+const SHARED_VALUE: [u8; 200] = [7; 200];
+
+/// Frees a buffer the host allocated through `proxy_on_memory_allocate`.
+fn release(data: *mut u8, size: usize) {
+    if !data.is_null() {
+        // SAFETY: allocated below as a boxed slice of exactly `size` bytes.
+        drop(unsafe { Vec::from_raw_parts(data, size, size) });
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let buffer: Box<[MaybeUninit<u8>]> = Box::new_uninit_slice(size);
+    Box::into_raw(buffer).cast::<u8>()
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root: u32, _size: usize) -> u32 {
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(_root: u32, _size: usize) -> u32 {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: out-pointers outlive the call; the buffer is taken over.
+    unsafe { proxy_get_buffer_bytes(7, 0, usize::MAX, &mut data, &mut size) };
+    let config = if data.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: as in `release`.
+        unsafe { Vec::from_raw_parts(data, size, size) }
+    };
+    let text = String::from_utf8_lossy(&config);
+    let mut parts = text.trim().split(':');
+    let kind = match parts.next().unwrap_or_default() {
+        "clock" => Kind::Clock,
+        "hvalue" => Kind::HeaderValue,
+        "pairs" => Kind::Pairs,
+        "setpairs" => Kind::SetPairs,
+        "replace" => Kind::Replace,
+        "prop" => Kind::AttemptsProperty,
+        "propflags" => Kind::FlagsProperty,
+        "sget" => Kind::SharedGet,
+        "sset" => Kind::SharedSet,
+        "metric" => Kind::Metric,
+        _ => Kind::None,
+    };
+    let count = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    PLAN.with(|plan| plan.set((kind, count)));
+    let name = b"sluice_probe.calls";
+    let mut id = 0;
+    // SAFETY: live slices and out-pointer for the duration of the calls.
+    unsafe {
+        proxy_define_metric(0, name.as_ptr(), name.len(), &mut id);
+        proxy_set_shared_data(
+            SHARED_KEY.as_ptr(),
+            SHARED_KEY.len(),
+            SHARED_VALUE.as_ptr(),
+            SHARED_VALUE.len(),
+            0,
+        );
+    }
+    METRIC.with(|metric| metric.set(id));
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(_context: u32, _parent: u32) {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos: u32) -> u32 {
+    let (kind, count) = PLAN.with(Cell::get);
+    for _ in 0..count {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: live slices and out-pointers for the duration of each
+        // call; returned buffers are released.
+        unsafe {
+            match kind {
+                Kind::Clock => {
+                    let mut time = 0;
+                    proxy_get_current_time_nanoseconds(&mut time);
+                }
+                Kind::HeaderValue => {
+                    proxy_get_header_map_value(0, b":path".as_ptr(), 5, &mut data, &mut size);
+                }
+                Kind::Pairs => {
+                    proxy_get_header_map_pairs(0, &mut data, &mut size);
+                }
+                Kind::SetPairs => {
+                    proxy_get_header_map_pairs(0, &mut data, &mut size);
+                    proxy_set_header_map_pairs(0, data, size);
+                }
+                Kind::Replace => {
+                    proxy_replace_header_map_value(0, b"x-probe".as_ptr(), 7, b"1".as_ptr(), 1);
+                }
+                Kind::SharedGet => {
+                    let mut cas = 0;
+                    proxy_get_shared_data(
+                        SHARED_KEY.as_ptr(),
+                        SHARED_KEY.len(),
+                        &mut data,
+                        &mut size,
+                        &mut cas,
+                    );
+                }
+                Kind::SharedSet => {
+                    proxy_set_shared_data(
+                        SHARED_KEY.as_ptr(),
+                        SHARED_KEY.len(),
+                        SHARED_VALUE.as_ptr(),
+                        SHARED_VALUE.len(),
+                        0,
+                    );
+                }
+                Kind::Metric => {
+                    proxy_increment_metric(METRIC.with(Cell::get), 1);
+                }
+                Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty => {}
+            }
+        }
+        release(data, size);
+    }
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(_context: u32, _headers: usize, _eos: u32) -> u32 {
+    let (kind, count) = PLAN.with(Cell::get);
+    let path: &[u8] = match kind {
+        Kind::AttemptsProperty => b"upstream\0request_attempt_count",
+        Kind::FlagsProperty => b"response\0flags",
+        _ => return 0,
+    };
+    for _ in 0..count {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as above.
+        unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        release(data, size);
+    }
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_log(_context: u32) {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(_context: u32) {}
