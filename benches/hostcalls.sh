@@ -148,7 +148,7 @@ UPSTREAM_WRAPPER=$!
 trap 'kill $UPSTREAM_WRAPPER $(envoy_pid "$WORK/upstream.yaml") 2>/dev/null || true' EXIT
 wait_ready "$UP_PORT"
 
-KINDS="none:0 clock:20 metric:20 replace:20 hvalue:20 pairs:10 setpairs:10 sget:20 sset:20 prop:20 propflags:20"
+KINDS="${SLUICE_HOSTCALL_KINDS:-none:0 clock:20 metric:20 replace:20 hvalue:20 pairs:10 setpairs:10 sget:20 sset:20 prop:20 propflags:20 plainheaders:1 retryheaders:1}"
 HZ="$(getconf CLK_TCK)"
 : >"$WORK/runs.txt"
 for round in $(seq "$ROUNDS"); do
@@ -206,6 +206,8 @@ names = {
     "sset": "`proxy_set_shared_data` (200 bytes)",
     "prop": "`proxy_get_property` `upstream.request_attempt_count`",
     "propflags": "`proxy_get_property` `response.flags`",
+    "plainheaders": "four header replaces Envoy ignores (per set of four)",
+    "retryheaders": "Sluice's four retry headers: Envoy then arms retries and a per-try timeout (per set)",
 }
 for plan, values in per_req.items():
     kind, n = plan.split(":")

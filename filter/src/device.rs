@@ -156,13 +156,12 @@ mod tests {
                 .any(|window| window.eq_ignore_ascii_case(needle))
         };
         let any = |list: &[&[u8]]| list.iter().any(|needle| contains(needle));
+        let android_tablet = contains(b"android") && !contains(b"mobile");
         if agent.is_empty() {
             DeviceClass::Desktop
         } else if any(BOT_MARKERS) {
             DeviceClass::Bot
-        } else if any(TABLET_MARKERS) {
-            DeviceClass::Tablet
-        } else if contains(b"android") && !contains(b"mobile") {
+        } else if any(TABLET_MARKERS) || android_tablet {
             DeviceClass::Tablet
         } else if any(MOBILE_MARKERS) {
             DeviceClass::Mobile

@@ -480,6 +480,65 @@ pub fn request_headers(
     ]
 }
 
+/// `request_headers` without allocating, for the request path: calls
+/// `write(name, value)` for each owned header, in the same order with the
+/// same values (`None`: remove it), numbers written into a stack buffer and
+/// the policy's lists borrowed.
+pub fn for_each_request_header(
+    policy: &RetryPolicy,
+    plan: &Plan,
+    granted: u32,
+    mut write: impl FnMut(&'static str, Option<&[u8]>),
+) {
+    let mut digits = [0u8; 20];
+    write(
+        MAX_RETRIES_HEADER,
+        Some(decimal(
+            u64::from(granted.min(plan.max_retries)),
+            &mut digits,
+        )),
+    );
+    write(RETRY_ON_HEADER, non_empty(&policy.retry_on));
+    write(RETRY_GRPC_ON_HEADER, non_empty(&policy.retry_grpc_on));
+    match plan.timeout_ms {
+        Some(ms) => write(TIMEOUT_HEADER, Some(decimal(ms, &mut digits))),
+        None => write(TIMEOUT_HEADER, None),
+    }
+    match plan.per_try_timeout_ms {
+        Some(ms) => write(PER_TRY_TIMEOUT_HEADER, Some(decimal(ms, &mut digits))),
+        None => write(PER_TRY_TIMEOUT_HEADER, None),
+    }
+    for name in [
+        HEDGE_HEADER,
+        EXPECTED_TIMEOUT_HEADER,
+        RETRIABLE_STATUS_CODES_HEADER,
+        RETRIABLE_HEADER_NAMES_HEADER,
+    ] {
+        write(name, None);
+    }
+}
+
+fn non_empty(list: &str) -> Option<&[u8]> {
+    (!list.is_empty()).then_some(list.as_bytes())
+}
+
+/// `value` in decimal, written at the end of `digits`.
+fn decimal(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        if let Some(digit) = digits.get_mut(start) {
+            // value % 10 < 10
+            *digit = b'0' + (value % 10) as u8;
+        }
+        value /= 10;
+        if value == 0 || start == 0 {
+            break;
+        }
+    }
+    digits.get(start..).unwrap_or_default()
+}
+
 /// The attempts from the `upstream.request_attempt_count` property bytes.
 pub fn attempts_from_property(bytes: Option<&[u8]>) -> Option<u64> {
     let bytes: [u8; 8] = bytes?.try_into().ok()?;
@@ -882,6 +941,34 @@ pub fn dry_warning_due(last_warned_ms: Option<u64>, now_ms: u64, policy: &RetryP
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_path_writes_exactly_what_request_headers_says() {
+        let mut digits = [0u8; 20];
+        for value in [0, 7, 10, 999, 1_000, 3_600_000, u64::MAX] {
+            assert_eq!(decimal(value, &mut digits), value.to_string().as_bytes());
+        }
+        let grpc = RetryPolicy {
+            retry_on: String::new(),
+            retry_grpc_on: "unavailable,cancelled".to_string(),
+            per_try_timeout_ms: Some(250),
+            timeout_ms: Some(1_000),
+            ..RetryPolicy::default()
+        };
+        for policy in [RetryPolicy::default(), grpc] {
+            for deadline in [None, Some(0), Some(1), Some(300), Some(10_000)] {
+                let plan = plan(&policy, deadline);
+                for granted in [0, 1, 2, 10] {
+                    let mut written = Vec::new();
+                    for_each_request_header(&policy, &plan, granted, |name, value| {
+                        written
+                            .push((name, value.map(|v| String::from_utf8_lossy(v).into_owned())));
+                    });
+                    assert_eq!(written, request_headers(&policy, &plan, granted).to_vec());
+                }
+            }
+        }
+    }
 
     const T0: u64 = 1_700_000_000_000;
 

@@ -6,7 +6,11 @@
 //! `setpairs` (read all headers and write them back whole), `replace` (one
 //! header), `sget`/`sset` (200 bytes of shared data), `metric` (a counter
 //! increment), and at the response headers `prop` (the attempt count) and
-//! `propflags` (the response flags).
+//! `propflags` (the response flags). Two kinds price what Envoy does with
+//! the headers rather than the calls: `retryheaders` writes the four retry
+//! headers Sluice writes (`x-envoy-max-retries: 2`, `x-envoy-retry-on`, the
+//! per-try and the upstream timeout), `plainheaders` four headers Envoy
+//! ignores; `n` times each.
 //!
 //! ```sh
 //! bash benches/hostcalls.sh
@@ -83,7 +87,29 @@ enum Kind {
     SharedGet,
     SharedSet,
     Metric,
+    RetryHeaders,
+    PlainHeaders,
 }
+
+const RETRY_HEADERS: [(&[u8], &[u8]); 4] = [
+    (b"x-envoy-max-retries", b"2"),
+    (
+        b"x-envoy-retry-on",
+        b"5xx,reset,connect-failure,refused-stream",
+    ),
+    (b"x-envoy-upstream-rq-per-try-timeout-ms", b"1000"),
+    (b"x-envoy-upstream-rq-timeout-ms", b"5000"),
+];
+
+const PLAIN_HEADERS: [(&[u8], &[u8]); 4] = [
+    (b"x-probe-max-retries", b"2"),
+    (
+        b"x-probe-retry-on",
+        b"5xx,reset,connect-failure,refused-stream",
+    ),
+    (b"x-probe-per-try-timeout-ms", b"1000"),
+    (b"x-probe-timeout-ms", b"5000"),
+];
 
 thread_local! {
     static PLAN: Cell<(Kind, u32)> = const { Cell::new((Kind::None, 0)) };
@@ -139,6 +165,8 @@ pub extern "C" fn proxy_on_configure(_root: u32, _size: usize) -> u32 {
         "sget" => Kind::SharedGet,
         "sset" => Kind::SharedSet,
         "metric" => Kind::Metric,
+        "retryheaders" => Kind::RetryHeaders,
+        "plainheaders" => Kind::PlainHeaders,
         _ => Kind::None,
     };
     let count = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -210,6 +238,22 @@ pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos:
                 }
                 Kind::Metric => {
                     proxy_increment_metric(METRIC.with(Cell::get), 1);
+                }
+                Kind::RetryHeaders | Kind::PlainHeaders => {
+                    let headers = if kind == Kind::RetryHeaders {
+                        RETRY_HEADERS
+                    } else {
+                        PLAIN_HEADERS
+                    };
+                    for (name, value) in headers {
+                        proxy_replace_header_map_value(
+                            0,
+                            name.as_ptr(),
+                            name.len(),
+                            value.as_ptr(),
+                            value.len(),
+                        );
+                    }
                 }
                 Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty => {}
             }
