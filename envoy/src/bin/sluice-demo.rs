@@ -335,6 +335,9 @@ fn render(o: &Opts, s: &Stats, elapsed: f64) -> Vec<String> {
 
 /// Sluice's own counters from Envoy's admin /stats.
 fn sluice_metrics(admin: SocketAddr) -> Vec<(String, u64)> {
+    // The filter hands its counters to Envoy on its tick (250 ms): let the
+    // last requests' counts arrive.
+    std::thread::sleep(sluice_envoy::envoy::SLUICE_TICK + Duration::from_millis(150));
     let mut c = Client::new(admin).with_timeout(Duration::from_secs(3));
     let Ok(r) = c.get("admin", "/stats?filter=wasmcustom", &[]) else {
         return Vec::new();
