@@ -533,7 +533,7 @@ pub fn check(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Check
 /// trip, and a success ends the run.
 pub fn check_run(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> (Check, bool) {
     let state = State::load(bytes, config, now_ms);
-    (state.check(config, now_ms), state.run_under_way(config))
+    (state.check(config, now_ms), state.run_under_way())
 }
 
 impl State {
@@ -561,55 +561,60 @@ pub fn admit(
     now_ms: u64,
 ) -> (Vec<u8>, (Admission, Option<Transition>)) {
     let mut state = State::load(bytes, config, now_ms);
-    let mut transition = None;
-    match state.mode {
-        BreakerState::Closed => return (state.encode(), (Admission::Allowed, None)),
-        BreakerState::Open if now_ms < state.until_ms => {
-            let retry_after_ms = state.until_ms - now_ms;
-            return (
-                state.encode(),
-                (Admission::Rejected { retry_after_ms }, None),
-            );
+    let verdict = state.admit(config, now_ms);
+    (state.encode(), verdict)
+}
+
+impl State {
+    fn admit(&mut self, config: &BreakerConfig, now_ms: u64) -> (Admission, Option<Transition>) {
+        let state = self;
+        let mut transition = None;
+        match state.mode {
+            BreakerState::Closed => return (Admission::Allowed, None),
+            BreakerState::Open if now_ms < state.until_ms => {
+                let retry_after_ms = state.until_ms - now_ms;
+                return (Admission::Rejected { retry_after_ms }, None);
+            }
+            BreakerState::Open => {
+                state.mode = BreakerState::HalfOpen;
+                state.generation = state.generation.wrapping_add(1);
+                state.slots = 0;
+                state.succeeded = 0;
+                transition = Some(Transition {
+                    from: BreakerState::Open,
+                    to: BreakerState::HalfOpen,
+                    reason: Reason::OpenTimeElapsed {
+                        probes: config.half_open_requests,
+                    },
+                    open_ms: None,
+                });
+            }
+            BreakerState::HalfOpen => {}
         }
-        BreakerState::Open => {
-            state.mode = BreakerState::HalfOpen;
+        if state.in_flight() >= config.half_open_requests && now_ms >= state.until_ms {
+            // Every slot taken and none granted for a whole lease: presume them
+            // leaked. A new generation voids their tokens; successes already
+            // reported stay counted.
             state.generation = state.generation.wrapping_add(1);
             state.slots = 0;
-            state.succeeded = 0;
-            transition = Some(Transition {
-                from: BreakerState::Open,
-                to: BreakerState::HalfOpen,
-                reason: Reason::OpenTimeElapsed {
-                    probes: config.half_open_requests,
-                },
-                open_ms: None,
-            });
         }
-        BreakerState::HalfOpen => {}
+        // The lowest free slot; slots at or above half_open_requests are never used.
+        let free = (!state.slots).trailing_zeros();
+        let admission = if free < u32::from(config.half_open_requests) {
+            state.slots |= 1 << free;
+            state.until_ms = now_ms.saturating_add(PROBE_LEASE_MS);
+            Admission::Probe(ProbeToken {
+                generation: state.generation,
+                // Below half_open_requests (<= 100), so it fits a u8.
+                slot: free as u8,
+            })
+        } else {
+            Admission::Rejected {
+                retry_after_ms: PROBES_BUSY_RETRY_MS,
+            }
+        };
+        (admission, transition)
     }
-    if state.in_flight() >= config.half_open_requests && now_ms >= state.until_ms {
-        // Every slot taken and none granted for a whole lease: presume them
-        // leaked. A new generation voids their tokens; successes already
-        // reported stay counted.
-        state.generation = state.generation.wrapping_add(1);
-        state.slots = 0;
-    }
-    // The lowest free slot; slots at or above half_open_requests are never used.
-    let free = (!state.slots).trailing_zeros();
-    let admission = if free < u32::from(config.half_open_requests) {
-        state.slots |= 1 << free;
-        state.until_ms = now_ms.saturating_add(PROBE_LEASE_MS);
-        Admission::Probe(ProbeToken {
-            generation: state.generation,
-            // Below half_open_requests (<= 100), so it fits a u8.
-            slot: free as u8,
-        })
-    } else {
-        Admission::Rejected {
-            retry_after_ms: PROBES_BUSY_RETRY_MS,
-        }
-    };
-    (state.encode(), (admission, transition))
 }
 
 /// Records a finished request, for `shared::update`. `probe` is the token
@@ -748,7 +753,7 @@ impl State {
     /// Books held successes. Only a closed breaker counts them: while open
     /// or half-open, a request admitted while closed decides nothing (as in
     /// `record`). A bucket that has left the window is dropped.
-    fn run_under_way(&self, _config: &BreakerConfig) -> bool {
+    fn run_under_way(&self) -> bool {
         self.consecutive > 0
     }
 
@@ -792,7 +797,7 @@ pub fn record_held(
         None => None,
     };
     let check = state.check(config, now_ms);
-    let run = state.run_under_way(config);
+    let run = state.run_under_way();
     (state.encode(), (transition, check, run))
 }
 
@@ -805,7 +810,8 @@ pub fn admit_held(
 ) -> (Vec<u8>, (Admission, Option<Transition>)) {
     let mut state = State::load(bytes, config, now_ms);
     state.book_successes(config, pending);
-    admit(Some(&state.encode()), config, now_ms)
+    let verdict = state.admit(config, now_ms);
+    (state.encode(), verdict)
 }
 
 /// Gives a probe slot back without a verdict, for `shared::update` (the

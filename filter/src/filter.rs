@@ -247,10 +247,19 @@ struct RetryRuntime {
 /// What a worker may assume about a breaker without reading it.
 #[derive(Debug, Clone, Copy)]
 enum CachedVerdict {
-    /// Closed; `run`: a run of consecutive failures was under way.
-    Allowed { until_ms: u64, run: bool },
+    /// Closed, with no failure under way (only then is a verdict cached).
+    Allowed { until_ms: u64 },
     /// Open: nothing gets through before `until_ms`.
     OpenUntil { until_ms: u64 },
+}
+
+/// What a worker may cache of a closed breaker read at `now`: nothing
+/// while failures are coming in (it reads every time), else the verdict
+/// for `BREAKER_CACHE_MS`.
+fn closed_verdict(run: bool, now: u64) -> Option<CachedVerdict> {
+    (!run).then(|| CachedVerdict::Allowed {
+        until_ms: now.saturating_add(BREAKER_CACHE_MS),
+    })
 }
 
 /// One cluster's breaker.
@@ -467,7 +476,7 @@ impl Active {
             return Admission::Allowed;
         };
         match breaker_runtime.cached.get() {
-            Some(CachedVerdict::Allowed { until_ms, .. }) if now < until_ms => {
+            Some(CachedVerdict::Allowed { until_ms }) if now < until_ms => {
                 return Admission::Allowed
             }
             Some(CachedVerdict::OpenUntil { until_ms }) if now < until_ms => {
@@ -484,15 +493,7 @@ impl Active {
             breaker::check_run(shared_bytes(&breaker_runtime.key).as_deref(), config, now);
         match check {
             Check::Allowed => {
-                breaker_runtime.cached.set(Some(CachedVerdict::Allowed {
-                    // While failures are coming in, read every time.
-                    until_ms: if run {
-                        now
-                    } else {
-                        now.saturating_add(BREAKER_CACHE_MS)
-                    },
-                    run,
-                }));
+                breaker_runtime.cached.set(closed_verdict(run, now));
                 return Admission::Allowed;
             }
             Check::Rejected { retry_after_ms } => {
@@ -563,7 +564,7 @@ impl Active {
         // knows of one (or knows nothing), it writes the success at once.
         let run_known_clear = matches!(
             breaker_runtime.cached.get(),
-            Some(CachedVerdict::Allowed { run: false, .. })
+            Some(CachedVerdict::Allowed { .. })
         );
         if probe.is_none() && outcome.is_clean_success(config) && run_known_clear {
             let mut held = breaker_runtime.held.borrow_mut();
@@ -606,11 +607,7 @@ impl Active {
         };
         runtime.held.borrow_mut().clear();
         runtime.cached.set(match check {
-            Check::Allowed if !run => Some(CachedVerdict::Allowed {
-                until_ms: now.saturating_add(BREAKER_CACHE_MS),
-                run,
-            }),
-            Check::Allowed => Some(CachedVerdict::Allowed { until_ms: now, run }),
+            Check::Allowed => closed_verdict(run, now),
             _ => None,
         });
         if let Some(transition) = transition {

@@ -324,20 +324,6 @@ pub fn record(
     now_ms: u64,
     failed: bool,
 ) -> (Vec<u8>, Option<RolloutEvent>) {
-    record_counts(bytes, config, now_ms, 1, u32::from(failed))
-}
-
-/// Books `requests` canary outcomes, `failures` of them failed, in one
-/// write. A worker holds its canary successes back and books them with its
-/// next failure or on its tick (a success never rolls back), which spares
-/// the host calls of a write per canary request. For `shared::update`.
-pub fn record_counts(
-    bytes: Option<&[u8]>,
-    config: &RolloutConfig,
-    now_ms: u64,
-    requests: u32,
-    failures: u32,
-) -> (Vec<u8>, Option<RolloutEvent>) {
     let mut state = State::load(bytes, config, now_ms);
     let announcement = state.announce(config, now_ms);
     if state.rolled_back {
@@ -353,8 +339,8 @@ pub fn record_counts(
         }
         state.count_step = index;
     }
-    state.requests = state.requests.saturating_add(requests);
-    state.failures = state.failures.saturating_add(failures.min(requests));
+    state.requests = state.requests.saturating_add(1);
+    state.failures = state.failures.saturating_add(u32::from(failed));
     let judged = u64::from(state.requests.max(config.min_requests));
     if u64::from(state.failures) * PPM > u64::from(config.max_failure_ppm) * judged {
         state.rolled_back = true;
