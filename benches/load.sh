@@ -20,8 +20,8 @@ case " $* " in
 *)
     bash scripts/setup.sh
     command -v wrk >/dev/null || { echo "load.sh: wrk is missing (apt-get install wrk)" >&2; exit 1; }
-    echo "load.sh: building sluice.wasm, sluice_passthrough.wasm and sluice-load (release)"
-    cargo build --quiet --release --target wasm32-wasip1 -p sluice -p sluice-passthrough
+    echo "load.sh: building sluice.wasm, sluice_passthrough.wasm, sluice_hostcall_probe.wasm and sluice-load (release)"
+    cargo build --quiet --release --target wasm32-wasip1 -p sluice -p sluice-passthrough -p sluice-hostcall-probe
     ;;
 esac
 cargo build --quiet --release -p sluice-bench-tools --bin sluice-load

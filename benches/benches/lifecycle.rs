@@ -29,9 +29,10 @@
 //! The report before the benchmarks also times 40 000 requests on ONE VM in
 //! blocks (does the per-request cost grow with traffic and uptime?).
 //!
-//! The fake host keeps every finished stream (so tests can inspect it); the
-//! benchmarks therefore replace their VM every `RECYCLE` lifecycles, outside
-//! the timed sections.
+//! Each benchmark keeps its VMs for its whole run, as Envoy keeps a worker's
+//! VM: the fake host frees a finished stream's context as Envoy does (the
+//! test's `Stream` handle keeps it), so nothing it does per call grows with
+//! the streams served.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -42,8 +43,8 @@
 use criterion::Criterion;
 use sluice_benches::instrument::{self, instrument, EXPORT_MARK};
 use sluice_benches::workload::{
-    self, pairs, passthrough_wasm, read_wasm, request_headers, response_headers, sluice_wasm, user,
-    REALISTIC_CONFIG, USERS,
+    self, pairs, passthrough_wasm, probe_wasm, read_wasm, request_headers, response_headers,
+    sluice_wasm, user, REALISTIC_CONFIG, USERS,
 };
 use sluice_host::{LogLevel, Proxy, Vm};
 use std::collections::BTreeMap;
@@ -52,12 +53,6 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Lifecycles per VM before it is replaced. The fake host keeps every
-/// finished stream and scans them all at the end of each stream
-/// (`VmInner::reap_roots`), so its own cost per request grows with the
-/// streams a VM has served; a fresh VM every 100 requests keeps that scan
-/// short (and equal for both modules).
-const RECYCLE: u64 = 100;
 /// Lifecycles between clock advances (1 ms per request: 1000 requests/s).
 const BATCH: u64 = 20;
 
@@ -85,6 +80,18 @@ fn passthrough() -> Module {
         wasm: passthrough_wasm(),
         root_id: "passthrough",
         config: String::new(),
+    }
+}
+
+/// The host-call probe making exactly Sluice's host calls with no policy
+/// (`benches/hostcall-probe`, kind `sluice`): the floor of what Sluice asks
+/// of the host, so `wasm/sluice` over this is the cost of Sluice's own code.
+fn sluice_calls() -> Module {
+    Module {
+        label: "sluice_calls",
+        wasm: probe_wasm(),
+        root_id: "probe",
+        config: "sluice:15".to_string(),
     }
 }
 
@@ -130,7 +137,7 @@ fn lifecycle(vm: &Vm, request: &[(&str, &str)], response: &[(&str, &str)]) {
 
 /// Runs `iters` lifecycles on `vms` (round robin), timing only the
 /// lifecycles; the clock moves 1 ms per request (ticks fire outside the
-/// timed part) and VMs are replaced every `RECYCLE` lifecycles.
+/// timed part).
 struct Runner {
     proxy: Proxy,
     vms: Vec<Vm>,
@@ -168,19 +175,9 @@ impl Runner {
             total += started.elapsed();
             done += batch;
             self.proxy.advance_ms(batch);
-            if self.served % (RECYCLE * self.vms.len() as u64) < batch {
-                recycle(&self.proxy, &mut self.vms);
-            }
         }
         total
     }
-}
-
-/// Fresh VMs replacing `vms` (the old ones, and their streams, are freed).
-fn recycle(proxy: &Proxy, vms: &mut Vec<Vm>) {
-    let workers = vms.len();
-    vms.clear();
-    *vms = (0..workers).map(|_| proxy.start_vm().unwrap()).collect();
 }
 
 impl Runner {
@@ -213,9 +210,6 @@ impl Runner {
             self.served += 1;
             if self.served.is_multiple_of(BATCH) {
                 self.proxy.advance_ms(BATCH);
-            }
-            if self.served.is_multiple_of(RECYCLE) {
-                recycle(&self.proxy, &mut self.vms);
             }
         }
         total
@@ -406,7 +400,6 @@ fn crossings_table(all: &[Crossings]) -> String {
 /// Linear memory of a VM after `requests` lifecycles (uninstrumented).
 fn memory_after(module: &Module, traffic: Traffic, requests: u64) -> usize {
     let runner = Runner::new(module, traffic, 1);
-    // No recycling inside: run in chunks below RECYCLE on the same VM.
     let requests_pairs: Vec<Vec<(&str, &str)>> =
         runner.traffic.requests.iter().map(|r| pairs(r)).collect();
     let response = pairs(&runner.traffic.response);
@@ -529,6 +522,7 @@ fn reduced_config(keep_rules: bool, keep_breaker: bool, keep_retry: bool) -> Str
 fn cases() -> Vec<(Module, Traffic)> {
     vec![
         (passthrough(), Traffic::realistic()),
+        (sluice_calls(), Traffic::realistic()),
         (sluice("sluice", REALISTIC_CONFIG), Traffic::realistic()),
         (
             sluice("sluice_unmatched", REALISTIC_CONFIG),
@@ -631,12 +625,10 @@ fn growth_report() -> String {
         "\n### Per-request time over a VM's lifetime (wasmtime, µs, one VM, {} requests, \
          1 ms of clock per request)\n\n\
          `headers` = request + response headers phases; `finish` = log, done, delete. \
-         The fake host keeps every finished stream: its stream lookups (every host call and \
-         callback) and the scan of all streams in each `finish` (`VmInner::reap_roots`) slow \
-         down as a VM serves more, for BOTH modules and in proportion to their crossings, so \
-         this table mixes host and plugin growth. The plugin-side checks are the crossings \
-         per request early and late in a VM's life (above), its linear memory (above), and \
-         the native `realistic/lifecycle_after_1M_requests` benchmark.\n\n\
+         The fake host frees a finished stream's context as Envoy does, so a cost that grew \
+         here would be the module's. The other checks are the crossings per request early \
+         and late in a VM's life (above), its linear memory (above), and the native \
+         `realistic/lifecycle_after_1M_requests` benchmark.\n\n\
          | requests served | passthrough headers | sluice headers | passthrough finish | sluice finish | finish Δ |\n\
          |---:|---:|---:|---:|---:|---:|\n",
         BLOCKS * PER_BLOCK
@@ -660,7 +652,7 @@ fn growth_report() -> String {
 }
 
 fn main() {
-    for path in [sluice_wasm(), passthrough_wasm()] {
+    for path in [sluice_wasm(), passthrough_wasm(), probe_wasm()] {
         if let Err(e) = read_wasm(Path::new(&path)) {
             eprintln!("{e}");
             std::process::exit(2);

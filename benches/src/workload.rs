@@ -44,12 +44,20 @@ pub fn passthrough_wasm() -> PathBuf {
         .unwrap_or_else(|| target_dir().join("wasm32-wasip1/release/sluice_passthrough.wasm"))
 }
 
+/// The host-call probe (`benches/hostcall-probe`), for the load benchmark's
+/// `sluice-calls` setup.
+pub fn probe_wasm() -> PathBuf {
+    std::env::var_os("SLUICE_PROBE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip1/release/sluice_hostcall_probe.wasm"))
+}
+
 /// Reads a wasm file, or says how to build it.
 pub fn read_wasm(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| {
         format!(
             "{}: {e}; build both modules first:\n  cargo build --release --target wasm32-wasip1 \
-             -p sluice -p sluice-passthrough",
+             -p sluice -p sluice-passthrough -p sluice-hostcall-probe",
             path.display()
         )
     })

@@ -115,16 +115,21 @@ pub fn classify(user_agent: Option<&[u8]>) -> DeviceClass {
         _ => return DeviceClass::Desktop,
     };
     let head = agent.get(..MAX_AGENT_BYTES).unwrap_or(agent);
-    let mut lower = [0u8; MAX_AGENT_BYTES];
-    for (to, from) in lower.iter_mut().zip(head) {
-        *to = from.to_ascii_lowercase();
-    }
-    let text = lower.get(..head.len()).unwrap_or_default();
     let mut seen = 0u8;
-    for (at, &first) in text.iter().enumerate() {
-        let rest = text.get(at..).unwrap_or_default();
-        for (marker, says) in markers_at(first) {
-            if rest.starts_with(marker) {
+    // Compared in place, ignoring ASCII case byte by byte: no lower-cased
+    // copy, and a candidate is usually dismissed at its second byte without
+    // the call a slice comparison (`memcmp`) costs in wasm.
+    for (at, &first) in head.iter().enumerate() {
+        let candidates = markers_at(first.to_ascii_lowercase());
+        if candidates.is_empty() {
+            continue;
+        }
+        let rest = head.get(at..).unwrap_or_default();
+        for (marker, says) in candidates {
+            if rest
+                .get(..marker.len())
+                .is_some_and(|text| text.eq_ignore_ascii_case(marker))
+            {
                 seen |= says;
             }
         }

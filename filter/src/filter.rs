@@ -76,6 +76,24 @@ const ATTEMPT_COUNT: &[u8] = b"upstream\0request_attempt_count";
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
+extern "C" {
+    /// The linker's static initialisers (wasi-libc's and the standard
+    /// library's).
+    fn __wasm_call_ctors();
+}
+
+/// The reactor entry point, which the host calls once before anything else
+/// (`WasmBase::startVm`). Without it the linker treats the module as a
+/// command and wraps EVERY export in a call to the initialisers and one to
+/// the finalisers: some twenty extra calls into the module's runtime per
+/// request, for nothing.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: the linker's initialisers, run once, before any other export,
+    // as the reactor model wants.
+    unsafe { __wasm_call_ctors() }
+}
+
 /// Buffers the host hands over (headers, properties, shared data) are
 /// allocated here, as a boxed slice of exactly `size` bytes: `host`
 /// reclaims them as a `Vec` of that size.
@@ -998,7 +1016,7 @@ fn route(
         },
         None => (service.weight_bp, true),
     };
-    let mut headers = RequestView(*pairs);
+    let mut headers = RequestView(pairs);
     let Decision::Routed { mut side, rule, .. } = active.router.decide(
         index,
         weight_bp,
@@ -1229,9 +1247,9 @@ fn reject(service: &str, retry_after_ms: u64) {
 }
 
 /// The request headers, read from the one buffer the host returned.
-struct RequestView<'a>(HeaderPairs<'a>);
+struct RequestView<'p, 'a>(&'p HeaderPairs<'a>);
 
-impl RequestHeaders for RequestView<'_> {
+impl RequestHeaders for RequestView<'_, '_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         self.0.get(name)
     }

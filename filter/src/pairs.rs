@@ -6,12 +6,28 @@
 //! per request instead of one per header (each of which is a second crossing
 //! into the module's allocator), and no copy: lookups return slices of it.
 
+/// How many headers are indexed when the pairs are read; a request with
+/// more (rare: Envoy's own requests carry a dozen or two) has the rest looked
+/// up in the buffer.
+const INDEXED: usize = 48;
+
 /// The header pairs of `request_header_pairs`, read in place: a count, then
 /// a (name length, value length) pair per header, then each name and value
-/// followed by a NUL byte. A malformed buffer reads as no headers.
-#[derive(Debug, Clone, Copy)]
+/// followed by a NUL byte. A malformed buffer reads as no headers, or as the
+/// headers before the fault.
+///
+/// The buffer is walked once, into an index of name and value slices on the
+/// stack: a request asks for a dozen headers (the service match, the rules,
+/// the sticky key, the deadline, the headers the filter owns), and reading
+/// the sizes again for each was most of the lookup's cost. A lookup compares
+/// lengths before bytes.
+#[derive(Debug, Clone)]
 pub struct HeaderPairs<'a> {
     buffer: &'a [u8],
+    index: [(&'a [u8], &'a [u8]); INDEXED],
+    indexed: usize,
+    /// The buffer holds more headers than the index.
+    overflow: bool,
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
@@ -19,15 +35,60 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
     usize::try_from(u32::from_le_bytes(word)).ok()
 }
 
+fn pairs_in(buffer: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let count = read_u32(buffer, 0).unwrap_or(0);
+    // Each header takes at least 8 bytes of sizes and 2 NULs.
+    let count = count.min(buffer.len() / 10);
+    let mut data = 4usize.saturating_add(count.saturating_mul(8));
+    (0..count).map_while(move |index| {
+        let sizes = 4 + index * 8;
+        let name_len = read_u32(buffer, sizes)?;
+        let value_len = read_u32(buffer, sizes + 4)?;
+        let name = buffer.get(data..data.checked_add(name_len)?)?;
+        data = data.checked_add(name_len)?.checked_add(1)?;
+        let value = buffer.get(data..data.checked_add(value_len)?)?;
+        data = data.checked_add(value_len)?.checked_add(1)?;
+        Some((name, value))
+    })
+}
+
+/// Names of the same length mostly differ in their first byte (`cookie` and
+/// `accept`, `:authority` and `user-agent`): checking it first spares the
+/// `memcmp` call a slice comparison is in wasm.
+fn same_name(key: &[u8], name: &[u8]) -> bool {
+    key.len() == name.len() && key.first() == name.first() && key == name
+}
+
 impl<'a> HeaderPairs<'a> {
     pub fn new(buffer: &'a [u8]) -> Self {
-        HeaderPairs { buffer }
+        let mut pairs = HeaderPairs {
+            buffer,
+            index: [(&[], &[]); INDEXED],
+            indexed: 0,
+            overflow: false,
+        };
+        let mut all = pairs_in(buffer);
+        for (slot, pair) in pairs.index.iter_mut().zip(all.by_ref()) {
+            *slot = pair;
+            pairs.indexed += 1;
+        }
+        pairs.overflow = pairs.indexed == INDEXED && all.next().is_some();
+        pairs
     }
 
     /// The first value of `name` (lower-case), as Envoy's own lookup does.
     pub fn get(&self, name: &str) -> Option<&'a [u8]> {
-        self.iter()
-            .find(|(key, _)| *key == name.as_bytes())
+        let name = name.as_bytes();
+        let indexed = self.index.get(..self.indexed).unwrap_or_default();
+        if let Some((_, value)) = indexed.iter().find(|(key, _)| same_name(key, name)) {
+            return Some(value);
+        }
+        if !self.overflow {
+            return None;
+        }
+        pairs_in(self.buffer)
+            .skip(INDEXED)
+            .find(|(key, _)| same_name(key, name))
             .map(|(_, value)| value)
     }
 
@@ -37,21 +98,7 @@ impl<'a> HeaderPairs<'a> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
-        let buffer = self.buffer;
-        let count = read_u32(buffer, 0).unwrap_or(0);
-        // Each header takes at least 8 bytes of sizes and 2 NULs.
-        let count = count.min(buffer.len() / 10);
-        let mut data = 4usize.saturating_add(count.saturating_mul(8));
-        (0..count).map_while(move |index| {
-            let sizes = 4 + index * 8;
-            let name_len = read_u32(buffer, sizes)?;
-            let value_len = read_u32(buffer, sizes + 4)?;
-            let name = buffer.get(data..data.checked_add(name_len)?)?;
-            data = data.checked_add(name_len)?.checked_add(1)?;
-            let value = buffer.get(data..data.checked_add(value_len)?)?;
-            data = data.checked_add(value_len)?.checked_add(1)?;
-            Some((name, value))
-        })
+        pairs_in(self.buffer)
     }
 }
 
@@ -91,6 +138,27 @@ mod tests {
         assert_eq!(pairs.get("x-bin"), Some(&[0xff, 0x00, 0x80][..]));
         assert!(pairs.contains("x-empty"));
         assert!(!pairs.contains("x-missing"));
+    }
+
+    #[test]
+    fn headers_beyond_the_index_are_found_and_first_values_win() {
+        let names: Vec<String> = (0..INDEXED + 10).map(|n| format!("x-h{n}")).collect();
+        let mut pairs: Vec<(&[u8], &[u8])> = names
+            .iter()
+            .map(|name| (name.as_bytes(), name.as_bytes()))
+            .collect();
+        // A repeated header: its first copy inside the index, the second past it.
+        pairs.push((b"x-h3", b"late"));
+        pairs.push((b"x-last", b"found"));
+        let buffer = serialize(&pairs);
+        let read = HeaderPairs::new(&buffer);
+        assert_eq!(read.iter().count(), INDEXED + 12);
+        assert_eq!(read.get("x-h0"), Some(&b"x-h0"[..]));
+        assert_eq!(read.get("x-h3"), Some(&b"x-h3"[..]));
+        let past = format!("x-h{}", INDEXED + 5);
+        assert_eq!(read.get(&past), Some(past.as_bytes()));
+        assert_eq!(read.get("x-last"), Some(&b"found"[..]));
+        assert_eq!(read.get("x-missing"), None);
     }
 
     #[test]

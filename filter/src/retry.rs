@@ -687,19 +687,34 @@ impl BudgetState {
         self.slots.get_mut((second % window) as usize)
     }
 
-    /// The balance in units: reserve + deposits − charges, over the window.
-    fn balance(&self, budget: &Budget) -> i128 {
-        let reserve =
-            i128::from(budget.min_per_s) * i128::from(budget.window_s) * i128::from(TOKEN);
-        self.slots.iter().fold(reserve, |balance, slot| {
-            balance + i128::from(slot.requests) * i128::from(budget.ratio_ppm)
-                - i128::from(slot.retries) * i128::from(TOKEN)
-        })
-    }
-
-    /// Whole retry tokens available now.
+    /// Whole retry tokens available now: the balance over the window
+    /// (reserve + deposits − charges, in units) in whole tokens, 0 when it
+    /// is negative.
+    ///
+    /// Sums first, multiplies once: the per-slot products in `i128` were
+    /// forty 128-bit multiplications a reservation, a library call each in
+    /// wasm. In `u64` nothing overflows within the config's bounds (a
+    /// window of at most 60 slots of `u32` counts is under 2^38, times
+    /// `ratio_ppm` ≤ 10^6 or `TOKEN` under 2^58); the operations saturate
+    /// anyway, and a saturated credit only errs towards fewer tokens than
+    /// the exact figure when the debit saturates too, which the bounds rule
+    /// out.
     pub fn tokens(&self, budget: &Budget) -> u64 {
-        u64::try_from(self.balance(budget) / i128::from(TOKEN)).unwrap_or(0)
+        let (requests, retries) =
+            self.slots
+                .iter()
+                .fold((0u64, 0u64), |(requests, retries), slot| {
+                    (
+                        requests.saturating_add(u64::from(slot.requests)),
+                        retries.saturating_add(u64::from(slot.retries)),
+                    )
+                });
+        let reserve = u64::from(budget.min_per_s)
+            .saturating_mul(u64::from(budget.window_s))
+            .saturating_mul(TOKEN);
+        let credit = reserve.saturating_add(requests.saturating_mul(u64::from(budget.ratio_ppm)));
+        let debit = retries.saturating_mul(TOKEN);
+        credit.saturating_sub(debit) / TOKEN
     }
 
     fn open(&self) -> u64 {

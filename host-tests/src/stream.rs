@@ -3,7 +3,8 @@
 use crate::abi::{Action, StreamType};
 use crate::headers::{HeaderMap, HeaderMapKind};
 use crate::property::{path_key, PropertyValue};
-use crate::vm::Vm;
+use crate::vm::{HttpCtx, Vm};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// A local reply the plugin sent with `proxy_send_local_response`.
@@ -141,6 +142,9 @@ fn percent_encode(bytes: &[u8]) -> String {
 pub struct Stream {
     vm: Vm,
     id: u32,
+    /// The context after [`finish`](Self::finish): the VM frees it from its
+    /// table as Envoy does, and the handle keeps it for the end state.
+    retired: Mutex<Option<Box<HttpCtx>>>,
 }
 
 fn map_of(kind: HeaderMapKind, headers: &[(&str, &str)]) -> HeaderMap {
@@ -149,7 +153,30 @@ fn map_of(kind: HeaderMapKind, headers: &[(&str, &str)]) -> HeaderMap {
 
 impl Stream {
     pub(crate) fn new(vm: Vm, id: u32) -> Self {
-        Self { vm, id }
+        Self {
+            vm,
+            id,
+            retired: Mutex::new(None),
+        }
+    }
+
+    fn retired(&self) -> MutexGuard<'_, Option<Box<HttpCtx>>> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the stream's context, live in the VM or retired in the handle.
+    fn read<R>(&self, f: impl FnOnce(&HttpCtx) -> R) -> R {
+        if let Some(h) = self.retired().as_deref() {
+            return f(h);
+        }
+        self.vm.lock().with_http(self.id, f)
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut HttpCtx) -> R) -> R {
+        if let Some(h) = self.retired().as_deref_mut() {
+            return f(h);
+        }
+        self.vm.lock().with_http_mut(self.id, f)
     }
 
     /// The context id the plugin sees for this stream.
@@ -223,7 +250,14 @@ impl Stream {
     /// `proxy_on_done` and `proxy_on_delete`. `request.duration` defaults to
     /// the virtual time since [`Vm::stream`]. Idempotent.
     pub fn finish(&self) {
-        self.vm.lock().finish(self.id);
+        if self.retired().is_some() {
+            return;
+        }
+        let mut vm = self.vm.lock();
+        vm.finish(self.id);
+        let context = vm.retire(self.id);
+        drop(vm);
+        *self.retired() = context;
     }
 
     // ---- stream info the test controls -------------------------------------
@@ -233,9 +267,7 @@ impl Stream {
     /// Overrides the computed ones.
     pub fn set_property(&self, path: &[&str], value: PropertyValue) {
         let key = path_key(path);
-        self.vm
-            .lock()
-            .with_http_mut(self.id, |h| h.attributes.insert(key, value));
+        self.write(|h| h.attributes.insert(key, value));
     }
 
     /// `response.code` (CEL int: 8 bytes LE).
@@ -288,7 +320,7 @@ impl Stream {
 
     /// The request headers as they are now (after the plugin's changes).
     pub fn request_header_map(&self) -> HeaderMap {
-        self.vm.lock().with_http(self.id, |h| {
+        self.read(|h| {
             h.request_headers
                 .clone()
                 .unwrap_or_else(|| HeaderMap::new(HeaderMapKind::RequestHeaders))
@@ -303,7 +335,7 @@ impl Stream {
     /// The response headers as they are now (for a local reply: the reply's
     /// headers after this filter's `proxy_on_response_headers`).
     pub fn response_header_map(&self) -> HeaderMap {
-        self.vm.lock().with_http(self.id, |h| {
+        self.read(|h| {
             h.response_headers
                 .clone()
                 .unwrap_or_else(|| HeaderMap::new(HeaderMapKind::ResponseHeaders))
@@ -317,74 +349,64 @@ impl Stream {
 
     /// Request trailers as they are now, if any.
     pub fn request_trailer_map(&self) -> Option<HeaderMap> {
-        self.vm
-            .lock()
-            .with_http(self.id, |h| h.request_trailers.clone())
+        self.read(|h| h.request_trailers.clone())
     }
 
     /// Response trailers as they are now, if any.
     pub fn response_trailer_map(&self) -> Option<HeaderMap> {
-        self.vm
-            .lock()
-            .with_http(self.id, |h| h.response_trailers.clone())
+        self.read(|h| h.response_trailers.clone())
     }
 
     /// Request body bytes the filter let through so far.
     pub fn request_body_forwarded(&self) -> Vec<u8> {
-        self.vm
-            .lock()
-            .with_http(self.id, |h| h.request_body_sent.clone())
+        self.read(|h| h.request_body_sent.clone())
     }
 
     /// Response body bytes the filter let through so far (for a local reply:
     /// its body).
     pub fn response_body_forwarded(&self) -> Vec<u8> {
-        self.vm
-            .lock()
-            .with_http(self.id, |h| h.response_body_sent.clone())
+        self.read(|h| h.response_body_sent.clone())
     }
 
     /// The local reply the plugin sent (or the fail-closed 503), if any.
     pub fn local_reply(&self) -> Option<LocalReply> {
-        self.vm.lock().with_http(self.id, |h| h.local_reply.clone())
+        self.read(|h| h.local_reply.clone())
     }
 
     /// Whether the request is paused: the plugin returned `Pause` and has not
     /// called `proxy_continue_stream(HTTP_REQUEST)` (nor sent a local reply).
     pub fn request_paused(&self) -> bool {
-        self.vm.lock().with_http(self.id, |h| h.request_paused)
+        self.read(|h| h.request_paused)
     }
 
     /// Whether the response is paused likewise.
     pub fn response_paused(&self) -> bool {
-        self.vm.lock().with_http(self.id, |h| h.response_paused)
+        self.read(|h| h.response_paused)
     }
 
     /// Streams the plugin resumed with `proxy_continue_stream`, in order.
     pub fn continued(&self) -> Vec<StreamType> {
-        self.vm.lock().with_http(self.id, |h| h.continued.clone())
+        self.read(|h| h.continued.clone())
     }
 
     /// Streams the plugin reset with `proxy_close_stream`, in order.
     pub fn closed(&self) -> Vec<StreamType> {
-        self.vm.lock().with_http(self.id, |h| h.closed.clone())
+        self.read(|h| h.closed.clone())
     }
 
     /// Filter state the plugin set with `proxy_set_property` (raw path → bytes).
     pub fn filter_state(&self, path: &str) -> Option<Vec<u8>> {
-        self.vm
-            .lock()
-            .with_http(self.id, |h| h.filter_state.get(path.as_bytes()).cloned())
+        self.read(|h| h.filter_state.get(path.as_bytes()).cloned())
     }
 
     /// How often the route cache was cleared: by request-header changes (newer
     /// Envoy's `onHeadersModified`) or the `clear_route_cache` foreign function.
     pub fn route_cache_clears(&self) -> u32 {
-        self.vm.lock().with_http(self.id, |h| h.route_cache_clears)
+        self.read(|h| h.route_cache_clears)
     }
 
     /// Whether [`finish`](Self::finish) ran.
     pub fn finished(&self) -> bool {
-        self.vm.lock().with_http(self.id, |h| h.destroyed)
+        self.read(|h| h.destroyed)
     }
 }

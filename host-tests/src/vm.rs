@@ -1160,6 +1160,22 @@ impl VmInner {
         self.reap_roots();
     }
 
+    /// Takes a finished stream's context out of the VM, as Envoy frees a
+    /// stream's context after `proxy_on_delete`: the VM's table then holds
+    /// only live contexts, so nothing it does per call grows with the
+    /// streams it has served. The [`Stream`](crate::Stream) handle keeps the
+    /// context for the test's questions about the end state.
+    pub(crate) fn retire(&mut self, id: u32) -> Option<Box<HttpCtx>> {
+        let st = self.st();
+        if !matches!(st.contexts.get(&id), Some(CtxKind::Http(h)) if h.destroyed) {
+            return None;
+        }
+        match st.contexts.remove(&id) {
+            Some(CtxKind::Http(h)) => Some(h),
+            _ => None,
+        }
+    }
+
     pub(crate) fn with_http<R>(&self, id: u32, f: impl FnOnce(&HttpCtx) -> R) -> R {
         match self.store.data().http_ref(id) {
             Some(h) => f(h),

@@ -10,7 +10,16 @@
 //! the headers rather than the calls: `retryheaders` writes the four retry
 //! headers Sluice writes (`x-envoy-max-retries: 2`, `x-envoy-retry-on`, the
 //! per-try and the upstream timeout), `plainheaders` four headers Envoy
-//! ignores; `n` times each.
+//! ignores; `n` times each. `sluice` makes, once per request, exactly the
+//! host calls Sluice makes for a request of the load benchmark (all request
+//! headers, the clock, a read and a write of 260 bytes of shared data, the
+//! steering header and the four retry headers; the attempt count and the
+//! status at the response headers; the response flags at the log) with
+//! fixed values and no policy: the floor of any proxy-wasm filter that asks
+//! Envoy for what Sluice asks. For pricing its parts, `n` (default 15) is a
+//! mask of what it does beyond the header read, clock and steering header:
+//! 1 the shared data, 2 the retry headers, 4 the response-header reads, 8 the
+//! flags read at the log.
 //!
 //! ```sh
 //! bash benches/hostcalls.sh
@@ -89,6 +98,7 @@ enum Kind {
     Metric,
     RetryHeaders,
     PlainHeaders,
+    SluiceCalls,
 }
 
 const RETRY_HEADERS: [(&[u8], &[u8]); 4] = [
@@ -118,6 +128,17 @@ thread_local! {
 
 const SHARED_KEY: &[u8] = b"sluice-probe";
 const SHARED_VALUE: [u8; 200] = [7; 200];
+/// About the size of Sluice's retry budget state (10 one-second slots).
+const BUDGET_VALUE: [u8; 260] = [7; 260];
+const STEERING_HEADER: &[u8] = b"x-sluice-cluster";
+/// The parts of `sluice:<mask>`.
+const SLUICE_SHARED: u32 = 1;
+const SLUICE_RETRY_HEADERS: u32 = 2;
+const SLUICE_RESPONSE_READS: u32 = 4;
+const SLUICE_LOG_READ: u32 = 8;
+const SLUICE_ALL: u32 = 15;
+const REQUEST_HEADERS: u32 = 0;
+const RESPONSE_HEADERS: u32 = 2;
 
 /// Frees a buffer the host allocated through `proxy_on_memory_allocate`.
 fn release(data: *mut u8, size: usize) {
@@ -167,9 +188,18 @@ pub extern "C" fn proxy_on_configure(_root: u32, _size: usize) -> u32 {
         "metric" => Kind::Metric,
         "retryheaders" => Kind::RetryHeaders,
         "plainheaders" => Kind::PlainHeaders,
+        "sluice" => Kind::SluiceCalls,
         _ => Kind::None,
     };
-    let count = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let default_count = if kind == Kind::SluiceCalls {
+        SLUICE_ALL
+    } else {
+        0
+    };
+    let count = parts
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default_count);
     PLAN.with(|plan| plan.set((kind, count)));
     let name = b"sluice_probe.calls";
     let mut id = 0;
@@ -194,6 +224,10 @@ pub extern "C" fn proxy_on_context_create(_context: u32, _parent: u32) {}
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos: u32) -> u32 {
     let (kind, count) = PLAN.with(Cell::get);
+    if kind == Kind::SluiceCalls {
+        sluice_request_calls(count);
+        return 0;
+    }
     for _ in 0..count {
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: live slices and out-pointers for the duration of each
@@ -255,7 +289,7 @@ pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos:
                         );
                     }
                 }
-                Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty => {}
+                Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty | Kind::SluiceCalls => {}
             }
         }
         release(data, size);
@@ -266,22 +300,101 @@ pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos:
 #[no_mangle]
 pub extern "C" fn proxy_on_response_headers(_context: u32, _headers: usize, _eos: u32) -> u32 {
     let (kind, count) = PLAN.with(Cell::get);
+    if kind == Kind::SluiceCalls {
+        if count & SLUICE_RESPONSE_READS == 0 {
+            return 0;
+        }
+        property(b"upstream\0request_attempt_count");
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as above.
+        unsafe {
+            proxy_get_header_map_value(
+                RESPONSE_HEADERS,
+                b":status".as_ptr(),
+                7,
+                &mut data,
+                &mut size,
+            );
+        }
+        release(data, size);
+        return 0;
+    }
     let path: &[u8] = match kind {
         Kind::AttemptsProperty => b"upstream\0request_attempt_count",
         Kind::FlagsProperty => b"response\0flags",
         _ => return 0,
     };
     for _ in 0..count {
-        let (mut data, mut size) = (null_mut(), 0);
-        // SAFETY: as above.
-        unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-        release(data, size);
+        property(path);
     }
     0
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_log(_context: u32) {}
+pub extern "C" fn proxy_on_log(_context: u32) {
+    let (kind, mask) = PLAN.with(Cell::get);
+    if kind == Kind::SluiceCalls && mask & SLUICE_LOG_READ != 0 {
+        property(b"response\0flags");
+    }
+}
+
+fn property(path: &[u8]) {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: live slice and out-pointers for the duration of the call.
+    unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+    release(data, size);
+}
+
+/// Sluice's request-side host calls for a routed request of the load
+/// benchmark, with fixed values (every request to the stable cluster).
+fn sluice_request_calls(mask: u32) {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: live slices and out-pointers for the duration of each call;
+    // returned buffers are released.
+    unsafe {
+        proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size);
+        release(data, size);
+        let mut time = 0;
+        proxy_get_current_time_nanoseconds(&mut time);
+        if mask & SLUICE_SHARED != 0 {
+            let (mut data, mut size, mut cas) = (null_mut(), 0, 0);
+            proxy_get_shared_data(
+                SHARED_KEY.as_ptr(),
+                SHARED_KEY.len(),
+                &mut data,
+                &mut size,
+                &mut cas,
+            );
+            release(data, size);
+            proxy_set_shared_data(
+                SHARED_KEY.as_ptr(),
+                SHARED_KEY.len(),
+                BUDGET_VALUE.as_ptr(),
+                BUDGET_VALUE.len(),
+                cas,
+            );
+        }
+        if mask & SLUICE_RETRY_HEADERS != 0 {
+            for (name, value) in RETRY_HEADERS {
+                proxy_replace_header_map_value(
+                    REQUEST_HEADERS,
+                    name.as_ptr(),
+                    name.len(),
+                    value.as_ptr(),
+                    value.len(),
+                );
+            }
+        }
+        let cluster: &[u8] = b"shop_v1";
+        proxy_replace_header_map_value(
+            REQUEST_HEADERS,
+            STEERING_HEADER.as_ptr(),
+            STEERING_HEADER.len(),
+            cluster.as_ptr(),
+            cluster.len(),
+        );
+    }
+}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(_context: u32) {}

@@ -25,12 +25,17 @@ pub enum Setup {
     SluiceSplit,
     /// Sluice with rules and breakers but no retry block.
     SluiceNoRetry,
+    /// The host-call probe making exactly Sluice's host calls per request,
+    /// with fixed values and no policy: what any proxy-wasm filter asking
+    /// Envoy for the same things pays, so Sluice minus this is its own code.
+    SluiceCalls,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 5] = [
+    pub const ALL: [Setup; 6] = [
         Setup::Ceiling,
         Setup::Passthrough,
+        Setup::SluiceCalls,
         Setup::Sluice,
         Setup::Native,
         Setup::Lua,
@@ -48,6 +53,7 @@ impl Setup {
             Setup::Lua => "lua",
             Setup::SluiceSplit => "sluice-split",
             Setup::SluiceNoRetry => "sluice-noretry",
+            Setup::SluiceCalls => "sluice-calls",
         }
     }
 
@@ -64,6 +70,9 @@ impl Setup {
             Setup::Lua => "Envoy + Lua filter: the same header/cookie/UA/sticky-percentage choice",
             Setup::SluiceSplit => "Sluice with the sticky 10 % split only (no rules, retry, breakers)",
             Setup::SluiceNoRetry => "Sluice with rules and breakers, no retry block",
+            Setup::SluiceCalls => {
+                "Sluice's host calls and nothing else (the probe module): the floor for what Sluice asks of Envoy"
+            }
         }
     }
 
@@ -85,7 +94,11 @@ impl Setup {
     pub fn is_wasm(self) -> bool {
         matches!(
             self,
-            Setup::Passthrough | Setup::Sluice | Setup::SluiceSplit | Setup::SluiceNoRetry
+            Setup::Passthrough
+                | Setup::Sluice
+                | Setup::SluiceSplit
+                | Setup::SluiceNoRetry
+                | Setup::SluiceCalls
         )
     }
 }
@@ -94,6 +107,7 @@ impl Setup {
 pub struct Inputs<'a> {
     pub sluice_wasm: &'a Path,
     pub passthrough_wasm: &'a Path,
+    pub probe_wasm: &'a Path,
     pub sluice_config: &'a str,
     /// Ports of the upstream for shop_v1 and shop_v2.
     pub upstream_ports: (u16, u16),
@@ -376,6 +390,10 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
         ),
         Setup::Sluice => (
             wasm_filter("sluice", "sluice", inputs.sluice_wasm, inputs.sluice_config),
+            steering_routes(),
+        ),
+        Setup::SluiceCalls => (
+            wasm_filter("probe", "probe", inputs.probe_wasm, "sluice:1"),
             steering_routes(),
         ),
         Setup::Native => (String::new(), native_routes()),
