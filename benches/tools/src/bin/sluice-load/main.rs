@@ -513,6 +513,9 @@ struct Memory {
     heap_size: Option<u64>,
     wasm_stats: Vec<String>,
     sluice_metrics: Vec<String>,
+    /// Connections opened and requests sent per upstream cluster: a setup
+    /// that opened connections under load would pay for it in CPU.
+    upstream_stats: Vec<String>,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -799,10 +802,18 @@ fn report(
     }
     for setup in &options.setups {
         if let Some(m) = memory.get(setup.name()) {
-            if !m.wasm_stats.is_empty() || !m.sluice_metrics.is_empty() {
-                let _ = writeln!(md, "\n`{}` Wasm stats after the run:\n", setup.name());
+            if !m.wasm_stats.is_empty()
+                || !m.sluice_metrics.is_empty()
+                || !m.upstream_stats.is_empty()
+            {
+                let _ = writeln!(md, "\n`{}` stats after the run:\n", setup.name());
                 md.push_str("```\n");
-                for line in m.wasm_stats.iter().chain(&m.sluice_metrics) {
+                for line in m
+                    .upstream_stats
+                    .iter()
+                    .chain(&m.wasm_stats)
+                    .chain(&m.sluice_metrics)
+                {
                     let _ = writeln!(md, "{line}");
                 }
                 md.push_str("```\n");
@@ -1056,9 +1067,24 @@ fn run(options: &Options) -> Result<(), String> {
                 m.heap_size = number("heap_size");
             }
         }
-        if proxy.setup.is_wasm() {
-            if let Ok(response) = proxy.envoy.admin_get("/stats") {
-                let text = response.body_text();
+        if let Ok(response) = proxy.envoy.admin_get("/stats") {
+            let text = response.body_text();
+            m.upstream_stats = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("cluster.shop_v")
+                        && [
+                            ".upstream_cx_total:",
+                            ".upstream_cx_destroy:",
+                            ".upstream_rq_total:",
+                            ".upstream_rq_retry:",
+                        ]
+                        .iter()
+                        .any(|stat| l.contains(stat))
+                })
+                .map(str::to_string)
+                .collect();
+            if proxy.setup.is_wasm() {
                 m.wasm_stats = text
                     .lines()
                     .filter(|l| l.starts_with("wasm.") || l.contains("wasm_vm"))
