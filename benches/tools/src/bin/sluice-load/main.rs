@@ -539,6 +539,11 @@ struct Summary {
     cpu_us: f64,
     cpu_min: f64,
     cpu_max: f64,
+    /// Median over rounds of Envoy's CPU per request over the upstream's in
+    /// the same run: the upstream does the same fixed work per request
+    /// whatever the setup, so the ratio cancels how fast the (shared)
+    /// machine happened to be during the run.
+    cpu_vs_upstream: f64,
     errors: u64,
     non_2xx: u64,
 }
@@ -549,6 +554,7 @@ fn summarise(setup: Setup, samples: &[Sample]) -> Summary {
     let mut p50 = pick(&|s| s.result.p50);
     let mut p99 = pick(&|s| s.result.p99);
     let mut cpu = pick(&|s| s.cpu_us);
+    let mut relative = pick(&|s| s.cpu_us / s.upstream_cpu_us.max(f64::MIN_POSITIVE));
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     Summary {
@@ -563,6 +569,7 @@ fn summarise(setup: Setup, samples: &[Sample]) -> Summary {
         p50: median(&mut p50),
         p99: median(&mut p99),
         cpu_us: median(&mut cpu),
+        cpu_vs_upstream: median(&mut relative),
         errors: samples.iter().map(|s| s.result.errors).sum(),
         non_2xx: samples.iter().map(|s| s.result.non_2xx).sum(),
     }
@@ -664,8 +671,8 @@ fn report(
     }
     md.push_str("\n## Results (median over rounds)\n\n");
     md.push_str(
-        "| setup | req/s | req/s range | × ceiling | p50 µs | p99 µs | p99 range | p99 × ceiling | Envoy CPU µs/req | CPU Δ vs pass-through | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| setup | req/s | req/s range | × ceiling | p50 µs | p99 µs | p99 range | p99 × ceiling | Envoy CPU µs/req | CPU Δ vs pass-through | CPU ÷ upstream CPU | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ceiling = summaries.iter().find(|s| s.setup == Setup::Ceiling);
     let floor_cpu = summaries
@@ -682,7 +689,7 @@ fn report(
         };
         let _ = writeln!(
             md,
-            "| **{}** | {:.0} | {:.0}–{:.0} | {ratio} | {:.0} | {:.0} | {:.0}–{:.0} | {p99_ratio} | {:.1} ({:.1}–{:.1}) | {} | {} |",
+            "| **{}** | {:.0} | {:.0}–{:.0} | {ratio} | {:.0} | {:.0} | {:.0}–{:.0} | {p99_ratio} | {:.1} ({:.1}–{:.1}) | {} | {:.2} | {} |",
             s.setup.name(),
             s.rps,
             s.rps_min,
@@ -695,6 +702,7 @@ fn report(
             s.cpu_min,
             s.cpu_max,
             floor_cpu.map_or("–".to_string(), |f| format!("{:+.1}", s.cpu_us - f)),
+            s.cpu_vs_upstream,
             s.errors + s.non_2xx,
         );
     }
@@ -735,19 +743,28 @@ fn report(
         }
         md.push_str(".\n");
         if let Some(calls) = find(Setup::SluiceCalls) {
+            // In µs at the pass-through run's machine speed: the ratio to the
+            // upstream's CPU cancels how fast the machine was in each run.
+            let scale = floor.cpu_us / floor.cpu_vs_upstream.max(f64::MIN_POSITIVE);
+            let steady = |s: &Summary| (s.cpu_vs_upstream - floor.cpu_vs_upstream) * scale;
             let _ = writeln!(
                 md,
-                "\nSplit of Sluice's {:+.1} µs: **{:+.1} µs** is what Envoy and the ABI charge for \
+                "\nSplit of Sluice's cost over the pass-through module, {:+.1} µs per request \
+                 ({:+.1} µs scaled by the upstream's CPU, which cancels the machine's speed from \
+                 run to run): **{:+.1} µs** ({:+.1} scaled) is what Envoy and the ABI charge for \
                  the host calls Sluice makes and what Envoy then does with them (route \
-                 re-selection, retries armed): the `sluice-calls` setup makes those calls with no \
-                 policy, and reaches {:.3} × pass-through throughput, the best any proxy-wasm \
-                 filter asking Envoy for the same can do. Sluice's own code in V8 costs the \
-                 remaining **{:+.1} µs**; against that floor, Sluice runs at {:.3} × its \
-                 throughput.",
+                 re-selection, retries armed): the `sluice-calls` setup makes exactly those calls \
+                 with no policy, and reaches {:.3} × pass-through throughput, the best a \
+                 proxy-wasm filter asking Envoy for the same can do. The rest, **{:+.1} µs** \
+                 ({:+.1} scaled), is Sluice's own code and memory; against that floor Sluice \
+                 runs at {:.3} × its throughput.",
                 sluice.cpu_us - floor.cpu_us,
+                steady(sluice),
                 calls.cpu_us - floor.cpu_us,
+                steady(calls),
                 calls.rps / floor.rps,
                 sluice.cpu_us - calls.cpu_us,
+                steady(sluice) - steady(calls),
                 sluice.rps / calls.rps,
             );
         }
@@ -849,7 +866,11 @@ fn report(
          are without coordinated-omission correction and p50 ≈ connections ÷ throughput. \
          CPU µs/req is the proxy Envoy's user+system time during the run divided by the \
          requests served; it does not depend on how the scheduler shares the machine and is \
-         the steadiest comparison on a busy host. The native setup is not sticky (Envoy's \
+         the steadiest comparison on a busy host. Where the machine itself is a shared VM \
+         whose speed drifts by a third from minute to minute, `CPU ÷ upstream CPU` is steadier \
+         still: the upstream, an Envoy answering every request itself, does the same work \
+         per request whatever the setup and drifts with the machine. The native setup is \
+         not sticky (Envoy's \
          weighted_clusters pick at random) and its cookie/device tests are substring matches; \
          the Lua setup hashes the key with djb2.\n",
     );
