@@ -34,7 +34,7 @@ if [ $# -gt 0 ] && { [ "$1" = policy ] || [ "$1" = lifecycle ]; }; then
     shift
 fi
 
-cargo build --quiet --release --target wasm32-wasip1 -p sluice -p sluice-passthrough
+cargo build --quiet --release --target wasm32-wasip1 -p sluice -p sluice-passthrough -p sluice-hostcall-probe
 since="$(date +%s)"
 for bench in "${BENCHES[@]}"; do
     cargo bench -p sluice-benches --bench "$bench" -- "$@"

@@ -1369,6 +1369,19 @@ impl Vm {
         Stream::new(self.clone(), id)
     }
 
+    /// Streams whose context the VM still holds: opened and not finished.
+    /// A finished stream's context is freed from the VM (its handle keeps
+    /// it), as Envoy frees it after `proxy_on_delete`.
+    pub fn live_streams(&self) -> usize {
+        self.lock()
+            .store
+            .data()
+            .contexts
+            .values()
+            .filter(|c| matches!(c, CtxKind::Http(_)))
+            .count()
+    }
+
     /// The trap that killed this VM, if any.
     pub fn trapped(&self) -> Option<TrapInfo> {
         self.lock().store.data().failed.clone()

@@ -246,6 +246,36 @@ fn local_reply_runs_through_the_filters_encode_path() {
 }
 
 #[test]
+fn a_finished_stream_is_freed_from_the_vm_and_its_handle_keeps_the_end_state() {
+    let p = proxy("l");
+    let vm = p.start_vm().unwrap();
+    let open = vm.stream();
+    open.request_headers(&[(":path", "/open")], false);
+    let mut last = None;
+    for _ in 0..1000 {
+        let s = vm.stream();
+        s.request_headers(&[(":path", "/x")], true);
+        s.finish();
+        last = Some(s);
+    }
+    // Like Envoy, the VM holds only the streams still open, however many it
+    // has served: nothing it does per call grows with its history.
+    assert_eq!(vm.live_streams(), 1);
+    let last = last.unwrap();
+    assert!(last.finished());
+    assert_eq!(last.local_reply().unwrap().status, 403);
+    assert_eq!(
+        last.response_header_map().get(":status").as_deref(),
+        Some("403")
+    );
+    // Finishing again is a no-op; the open stream is unaffected.
+    last.finish();
+    assert!(!open.finished());
+    open.finish();
+    assert_eq!(vm.live_streams(), 0);
+}
+
+#[test]
 fn ticks_fire_on_the_virtual_clock_and_metrics_are_shared() {
     let p = proxy("k");
     let vms = p.boot(2).unwrap(); // main + 2 workers (+ base and canary)
