@@ -91,7 +91,7 @@ fn sluice_calls() -> Module {
         label: "sluice_calls",
         wasm: probe_wasm(),
         root_id: "probe",
-        config: "sluice:15".to_string(),
+        config: "sluice".to_string(),
     }
 }
 

@@ -122,6 +122,8 @@ const PLAIN_HEADERS: [(&[u8], &[u8]); 4] = [
 ];
 
 thread_local! {
+    /// The configured kind and its `n`: calls per request, or for `sluice`
+    /// the mask of its parts.
     static PLAN: Cell<(Kind, u32)> = const { Cell::new((Kind::None, 0)) };
     static METRIC: Cell<u32> = const { Cell::new(0) };
 }
@@ -146,6 +148,78 @@ fn release(data: *mut u8, size: usize) {
         // SAFETY: allocated below as a boxed slice of exactly `size` bytes.
         drop(unsafe { Vec::from_raw_parts(data, size, size) });
     }
+}
+
+fn clock() {
+    let mut time = 0;
+    // SAFETY: `time` outlives the call.
+    unsafe { proxy_get_current_time_nanoseconds(&mut time) };
+}
+
+/// Reads one header of `map` (the host's `malloc` callback included).
+fn header_value(map: u32, name: &[u8]) {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: live slice and out-pointers for the duration of the call.
+    unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
+    release(data, size);
+}
+
+/// Reads every request header (the host's `malloc` callback included).
+fn request_header_pairs() {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: out-pointers outlive the call.
+    unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) };
+    release(data, size);
+}
+
+fn replace_request_header(name: &[u8], value: &[u8]) {
+    // SAFETY: live slices for the duration of the call.
+    unsafe {
+        proxy_replace_header_map_value(
+            REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+}
+
+/// Reads the probe's shared data; returns its CAS.
+fn shared_get() -> u32 {
+    let (mut data, mut size, mut cas) = (null_mut(), 0, 0);
+    // SAFETY: live slice and out-pointers for the duration of the call.
+    unsafe {
+        proxy_get_shared_data(
+            SHARED_KEY.as_ptr(),
+            SHARED_KEY.len(),
+            &mut data,
+            &mut size,
+            &mut cas,
+        )
+    };
+    release(data, size);
+    cas
+}
+
+fn shared_set(value: &[u8], cas: u32) {
+    // SAFETY: live slices for the duration of the call.
+    unsafe {
+        proxy_set_shared_data(
+            SHARED_KEY.as_ptr(),
+            SHARED_KEY.len(),
+            value.as_ptr(),
+            value.len(),
+            cas,
+        )
+    };
+}
+
+fn property(path: &[u8]) {
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: live slice and out-pointers for the duration of the call.
+    unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+    release(data, size);
 }
 
 #[no_mangle]
@@ -203,17 +277,9 @@ pub extern "C" fn proxy_on_configure(_root: u32, _size: usize) -> u32 {
     PLAN.with(|plan| plan.set((kind, count)));
     let name = b"sluice_probe.calls";
     let mut id = 0;
-    // SAFETY: live slices and out-pointer for the duration of the calls.
-    unsafe {
-        proxy_define_metric(0, name.as_ptr(), name.len(), &mut id);
-        proxy_set_shared_data(
-            SHARED_KEY.as_ptr(),
-            SHARED_KEY.len(),
-            SHARED_VALUE.as_ptr(),
-            SHARED_VALUE.len(),
-            0,
-        );
-    }
+    // SAFETY: live slice and out-pointer for the duration of the call.
+    unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) };
+    shared_set(&SHARED_VALUE, 0);
     METRIC.with(|metric| metric.set(id));
     1
 }
@@ -229,70 +295,37 @@ pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos:
         return 0;
     }
     for _ in 0..count {
-        let (mut data, mut size) = (null_mut(), 0);
-        // SAFETY: live slices and out-pointers for the duration of each
-        // call; returned buffers are released.
-        unsafe {
-            match kind {
-                Kind::Clock => {
-                    let mut time = 0;
-                    proxy_get_current_time_nanoseconds(&mut time);
+        match kind {
+            Kind::Clock => clock(),
+            Kind::HeaderValue => header_value(REQUEST_HEADERS, b":path"),
+            Kind::Pairs => request_header_pairs(),
+            Kind::SetPairs => {
+                let (mut data, mut size) = (null_mut(), 0);
+                // SAFETY: out-pointers outlive the first call; the buffer
+                // it returned is live for the second, then released.
+                unsafe {
+                    proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size);
+                    proxy_set_header_map_pairs(REQUEST_HEADERS, data, size);
                 }
-                Kind::HeaderValue => {
-                    proxy_get_header_map_value(0, b":path".as_ptr(), 5, &mut data, &mut size);
-                }
-                Kind::Pairs => {
-                    proxy_get_header_map_pairs(0, &mut data, &mut size);
-                }
-                Kind::SetPairs => {
-                    proxy_get_header_map_pairs(0, &mut data, &mut size);
-                    proxy_set_header_map_pairs(0, data, size);
-                }
-                Kind::Replace => {
-                    proxy_replace_header_map_value(0, b"x-probe".as_ptr(), 7, b"1".as_ptr(), 1);
-                }
-                Kind::SharedGet => {
-                    let mut cas = 0;
-                    proxy_get_shared_data(
-                        SHARED_KEY.as_ptr(),
-                        SHARED_KEY.len(),
-                        &mut data,
-                        &mut size,
-                        &mut cas,
-                    );
-                }
-                Kind::SharedSet => {
-                    proxy_set_shared_data(
-                        SHARED_KEY.as_ptr(),
-                        SHARED_KEY.len(),
-                        SHARED_VALUE.as_ptr(),
-                        SHARED_VALUE.len(),
-                        0,
-                    );
-                }
-                Kind::Metric => {
-                    proxy_increment_metric(METRIC.with(Cell::get), 1);
-                }
-                Kind::RetryHeaders | Kind::PlainHeaders => {
-                    let headers = if kind == Kind::RetryHeaders {
-                        RETRY_HEADERS
-                    } else {
-                        PLAIN_HEADERS
-                    };
-                    for (name, value) in headers {
-                        proxy_replace_header_map_value(
-                            0,
-                            name.as_ptr(),
-                            name.len(),
-                            value.as_ptr(),
-                            value.len(),
-                        );
-                    }
-                }
-                Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty | Kind::SluiceCalls => {}
+                release(data, size);
             }
+            Kind::Replace => replace_request_header(b"x-probe", b"1"),
+            Kind::SharedGet => {
+                shared_get();
+            }
+            Kind::SharedSet => shared_set(&SHARED_VALUE, 0),
+            Kind::Metric => {
+                // SAFETY: plain value arguments.
+                unsafe { proxy_increment_metric(METRIC.with(Cell::get), 1) };
+            }
+            Kind::RetryHeaders => RETRY_HEADERS
+                .iter()
+                .for_each(|(name, value)| replace_request_header(name, value)),
+            Kind::PlainHeaders => PLAIN_HEADERS
+                .iter()
+                .for_each(|(name, value)| replace_request_header(name, value)),
+            Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty | Kind::SluiceCalls => {}
         }
-        release(data, size);
     }
     0
 }
@@ -305,18 +338,7 @@ pub extern "C" fn proxy_on_response_headers(_context: u32, _headers: usize, _eos
             return 0;
         }
         property(b"upstream\0request_attempt_count");
-        let (mut data, mut size) = (null_mut(), 0);
-        // SAFETY: as above.
-        unsafe {
-            proxy_get_header_map_value(
-                RESPONSE_HEADERS,
-                b":status".as_ptr(),
-                7,
-                &mut data,
-                &mut size,
-            );
-        }
-        release(data, size);
+        header_value(RESPONSE_HEADERS, b":status");
         return 0;
     }
     let path: &[u8] = match kind {
@@ -338,62 +360,21 @@ pub extern "C" fn proxy_on_log(_context: u32) {
     }
 }
 
-fn property(path: &[u8]) {
-    let (mut data, mut size) = (null_mut(), 0);
-    // SAFETY: live slice and out-pointers for the duration of the call.
-    unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-    release(data, size);
-}
-
 /// Sluice's request-side host calls for a routed request of the load
 /// benchmark, with fixed values (every request to the stable cluster).
 fn sluice_request_calls(mask: u32) {
-    let (mut data, mut size) = (null_mut(), 0);
-    // SAFETY: live slices and out-pointers for the duration of each call;
-    // returned buffers are released.
-    unsafe {
-        proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size);
-        release(data, size);
-        let mut time = 0;
-        proxy_get_current_time_nanoseconds(&mut time);
-        if mask & SLUICE_SHARED != 0 {
-            let (mut data, mut size, mut cas) = (null_mut(), 0, 0);
-            proxy_get_shared_data(
-                SHARED_KEY.as_ptr(),
-                SHARED_KEY.len(),
-                &mut data,
-                &mut size,
-                &mut cas,
-            );
-            release(data, size);
-            proxy_set_shared_data(
-                SHARED_KEY.as_ptr(),
-                SHARED_KEY.len(),
-                BUDGET_VALUE.as_ptr(),
-                BUDGET_VALUE.len(),
-                cas,
-            );
-        }
-        if mask & SLUICE_RETRY_HEADERS != 0 {
-            for (name, value) in RETRY_HEADERS {
-                proxy_replace_header_map_value(
-                    REQUEST_HEADERS,
-                    name.as_ptr(),
-                    name.len(),
-                    value.as_ptr(),
-                    value.len(),
-                );
-            }
-        }
-        let cluster: &[u8] = b"shop_v1";
-        proxy_replace_header_map_value(
-            REQUEST_HEADERS,
-            STEERING_HEADER.as_ptr(),
-            STEERING_HEADER.len(),
-            cluster.as_ptr(),
-            cluster.len(),
-        );
+    request_header_pairs();
+    clock();
+    if mask & SLUICE_SHARED != 0 {
+        let cas = shared_get();
+        shared_set(&BUDGET_VALUE, cas);
     }
+    if mask & SLUICE_RETRY_HEADERS != 0 {
+        for (name, value) in RETRY_HEADERS {
+            replace_request_header(name, value);
+        }
+    }
+    replace_request_header(STEERING_HEADER, b"shop_v1");
 }
 
 #[no_mangle]

@@ -393,7 +393,7 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
             steering_routes(),
         ),
         Setup::SluiceCalls => (
-            wasm_filter("probe", "probe", inputs.probe_wasm, "sluice:15"),
+            wasm_filter("probe", "probe", inputs.probe_wasm, "sluice"),
             steering_routes(),
         ),
         Setup::Native => (String::new(), native_routes()),
