@@ -695,10 +695,9 @@ impl BudgetState {
     /// forty 128-bit multiplications a reservation, a library call each in
     /// wasm. In `u64` nothing overflows within the config's bounds (a
     /// window of at most 60 slots of `u32` counts is under 2^38, times
-    /// `ratio_ppm` ≤ 10^6 or `TOKEN` under 2^58); the operations saturate
-    /// anyway, and a saturated credit only errs towards fewer tokens than
-    /// the exact figure when the debit saturates too, which the bounds rule
-    /// out.
+    /// `ratio_ppm` ≤ 10^6 or `TOKEN` under 2^58). The operations saturate
+    /// anyway: a saturated credit could only give fewer tokens than the
+    /// exact figure, a saturated debit more, and the bounds rule both out.
     pub fn tokens(&self, budget: &Budget) -> u64 {
         let (requests, retries) =
             self.slots
