@@ -42,67 +42,54 @@ HCM='"@type": type.googleapis.com/envoy.extensions.filters.network.http_connecti
 ROUTER='- name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router'
-cat >"$WORK/upstream.yaml" <<EOF
+# One Envoy bootstrap: admin on $1, a listener named $2 on $3 whose HTTP
+# connection manager runs the filters $4 (YAML lines, may be empty) before the
+# router and answers every path with the route action $5; then $6 (clusters).
+bootstrap() {
+    cat <<EOF
 admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: $UP_ADMIN } }
+  address: { socket_address: { address: 127.0.0.1, port_value: $1 } }
 static_resources:
   listeners:
-  - name: upstream
-    address: { socket_address: { address: 127.0.0.1, port_value: $UP_PORT } }
+  - name: $2
+    address: { socket_address: { address: 127.0.0.1, port_value: $3 } }
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           $HCM
-          stat_prefix: upstream
+          stat_prefix: $2
           http_filters:
-          $ROUTER
+$4          $ROUTER
           route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
               - match: { prefix: "/" }
-                direct_response: { status: 200, body: { inline_string: "ok\n" } }
+                $5
 EOF
+    printf '%s' "$6"
+}
+
+bootstrap "$UP_ADMIN" upstream "$UP_PORT" "" \
+    'direct_response: { status: 200, body: { inline_string: "ok\n" } }' "" >"$WORK/upstream.yaml"
 
 proxy_yaml() { # $1: the probe's configuration, "<kind>:<n>"
-    cat <<EOF
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: $PROXY_ADMIN } }
-static_resources:
-  listeners:
-  - name: proxy
-    address: { socket_address: { address: 127.0.0.1, port_value: $PROXY_PORT } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          $HCM
-          stat_prefix: proxy
-          http_filters:
-          - name: envoy.filters.http.wasm
+    bootstrap "$PROXY_ADMIN" proxy "$PROXY_PORT" "          - name: envoy.filters.http.wasm
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
                 name: probe
                 root_id: probe
                 configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: "$1"
+                  \"@type\": type.googleapis.com/google.protobuf.StringValue
+                  value: \"$1\"
                 vm_config:
                   vm_id: probe
                   runtime: envoy.wasm.runtime.v8
-                  code: { local: { filename: "$PROBE" } }
-          $ROUTER
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: upstream, timeout: 5s }
-  clusters:
+                  code: { local: { filename: \"$PROBE\" } }
+" 'route: { cluster: upstream, timeout: 5s }' "  clusters:
   - name: upstream
     type: STATIC
     connect_timeout: 1s
@@ -111,7 +98,7 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UP_PORT } } }
-EOF
+"
 }
 
 # The same request as benches/load.sh sends: 8 headers, a cookie, a user id.
