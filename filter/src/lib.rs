@@ -1,15 +1,28 @@
 //! Sluice: canary routing, retry budgets and circuit breakers for Envoy, as a
 //! proxy-wasm filter.
 //!
-//! The policy logic lives in plain modules that take their inputs (headers,
-//! time, randomness) as arguments and never call the host, so they are unit
-//! tested and benchmarked natively. The proxy-wasm glue in `filter` (built
-//! only for wasm32) is a thin shell that fetches inputs from Envoy, calls the
-//! policy, and writes the decision back.
+//! Two layers with a hard line between them:
+//!
+//! - the policy modules and the engine, plain Rust that takes time,
+//!   randomness and the host as arguments, so they are unit tested, fuzzed
+//!   and benchmarked natively exactly as they ship:
+//!   - `config`: the plugin configuration, parsed and validated once;
+//!   - `router` (with `device`, `sticky`, `pairs`): which service and which
+//!     side a request goes to;
+//!   - `retry`: the retry budget and the retry headers;
+//!   - `breaker`: the circuit breakers;
+//!   - `rollout`: the weight schedule and its rollback gate;
+//!   - `shared`: read-modify-write of process-wide state with CAS;
+//!   - `engine`: one worker's state, combining all of the above behind the
+//!     `engine::Host` trait;
+//! - `shell` (built only for wasm32): the proxy-wasm exports and `Host`
+//!   over the raw host calls. It is the only code that touches the ABI, and
+//!   it decides nothing.
 
 pub mod breaker;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod json;
 pub mod pairs;
 pub mod retry;
@@ -17,8 +30,7 @@ pub mod rollout;
 pub mod router;
 pub mod shared;
 pub mod sticky;
+pub mod testing;
 
 #[cfg(target_arch = "wasm32")]
-mod filter;
-#[cfg(target_arch = "wasm32")]
-mod host;
+mod shell;

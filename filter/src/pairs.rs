@@ -102,24 +102,32 @@ impl<'a> HeaderPairs<'a> {
     }
 }
 
+/// The ABI's header map encoding: the count, each pair's two lengths, then
+/// each name and value followed by a NUL byte; every number a LE `u32`.
+pub fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let text: usize = pairs
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 2)
+        .sum();
+    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + text);
+    let length = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&length(pairs.len()));
+    for (name, value) in pairs {
+        out.extend_from_slice(&length(name.len()));
+        out.extend_from_slice(&length(value.len()));
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name);
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (name, value) in pairs {
-            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        }
-        for (name, value) in pairs {
-            out.extend_from_slice(name);
-            out.push(0);
-            out.extend_from_slice(value);
-            out.push(0);
-        }
-        out
-    }
 
     #[test]
     fn reads_every_pair_and_the_first_value_of_a_repeated_header() {

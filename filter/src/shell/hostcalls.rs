@@ -15,8 +15,10 @@ use std::ptr::null_mut;
 /// `Status::Ok` of the proxy-wasm ABI.
 const OK: u32 = 0;
 
-pub const REQUEST_HEADERS: u32 = 0;
+const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
+pub const LOG_TRACE: u32 = 0;
+pub const LOG_DEBUG: u32 = 1;
 pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
@@ -223,29 +225,6 @@ pub fn set_request_header(name: &str, value: &[u8]) {
     };
 }
 
-/// The ABI's header map encoding: the count, each pair's two lengths, then
-/// each name and value followed by a NUL byte; every number a LE `u32`.
-fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let text: usize = pairs
-        .iter()
-        .map(|(name, value)| name.len() + value.len() + 2)
-        .sum();
-    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + text);
-    let length = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    out.extend_from_slice(&length(pairs.len()));
-    for (name, value) in pairs {
-        out.extend_from_slice(&length(name.len()));
-        out.extend_from_slice(&length(value.len()));
-    }
-    for (name, value) in pairs {
-        out.extend_from_slice(name);
-        out.push(0);
-        out.extend_from_slice(value);
-        out.push(0);
-    }
-    out
-}
-
 /// Removes every value of a request header.
 pub fn remove_request_header(name: &str) {
     // SAFETY: live slice for the duration of the call.
@@ -295,7 +274,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
         .iter()
         .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
         .collect();
-    let serialized = serialize_pairs(&headers);
+    let serialized = crate::pairs::serialize(&headers);
     let details = b"sluice_circuit_breaker_open";
     // SAFETY: live slices for the duration of the call.
     let _ = unsafe {

@@ -1,0 +1,83 @@
+//! What the engine asks of its host, and nothing more.
+//!
+//! In Envoy every call here is a crossing between the proxy and the VM
+//! (about a microsecond each, `benches/hostcalls.sh`), so the engine asks
+//! lazily: only when it needs the answer, never twice for the same fact in
+//! one callback. The shell implements this trait over the raw proxy-wasm
+//! calls; native tests, the fuzzer and the benchmarks implement it over
+//! plain memory. Calls that act on a request (headers, properties, local
+//! replies) act on the stream the host is calling back for, as in Envoy.
+
+use crate::breaker::Transition;
+use crate::retry::{Budget, Reservation};
+use crate::shared::SharedStore;
+
+/// A stream property the engine reads at the end of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Property {
+    /// `response.code`: the status sent downstream (0 or absent: none).
+    ResponseCode,
+    /// `response.flags`: Envoy's response-flag bits (upstream reset,
+    /// connection failure, timeout, …).
+    ResponseFlags,
+    /// `upstream.request_attempt_count`: attempts the router made.
+    AttemptCount,
+}
+
+/// The kind of a metric, as `proxy_define_metric` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// What the engine did, for observers that check it (the fuzzer's oracles,
+/// tests). The shell ignores every event: the default `Host::observe` is
+/// empty and compiles away.
+#[derive(Debug, Clone, Copy)]
+pub enum Observed<'a> {
+    /// A reservation landed in the budget stored under `key`.
+    Reserved {
+        key: &'a str,
+        budget: Budget,
+        reservation: &'a Reservation,
+    },
+    /// A write to the breaker stored under `key` changed its state; this
+    /// VM is the one that reports it.
+    BreakerChanged {
+        key: &'a str,
+        transition: &'a Transition,
+    },
+    /// A read-modify-write of `key` lost every CAS race and was given up.
+    UpdateLost { key: &'a str },
+}
+
+/// The host: Envoy through the shell, or a fake.
+pub trait Host: SharedStore {
+    /// Wall-clock milliseconds since the Unix epoch (Envoy's clock can step
+    /// back and forth; the policy modules are written for that).
+    fn now_ms(&self) -> u64;
+    /// Eight random bytes; `None` if the host refused.
+    fn random_u64(&self) -> Option<u64>;
+    /// The plugin configuration bytes (empty if there are none).
+    fn plugin_configuration(&self) -> Vec<u8>;
+    fn set_tick_period_ms(&self, period_ms: u32);
+    /// Every request header in the ABI's map encoding, read in place by
+    /// `crate::pairs::HeaderPairs`: one crossing instead of one per header.
+    fn request_header_pairs(&self) -> Vec<u8>;
+    /// Sets a request header to one value, replacing every existing one.
+    fn set_request_header(&self, name: &str, value: &[u8]);
+    /// Removes every value of a request header.
+    fn remove_request_header(&self, name: &str);
+    /// The response's `:status`, from the response headers.
+    fn response_status(&self) -> Option<u64>;
+    /// An integer stream property.
+    fn integer_property(&self, property: Property) -> Option<u64>;
+    /// Answers the request locally; the request goes no further.
+    fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
+    fn increment_metric(&self, id: u32, offset: i64);
+    fn record_metric(&self, id: u32, value: u64);
+    /// Sees what the engine did; the shell does nothing with it.
+    fn observe(&self, _event: Observed<'_>) {}
+}

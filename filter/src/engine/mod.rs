@@ -1,0 +1,606 @@
+//! The engine: everything Sluice decides, per worker, behind a small host
+//! trait.
+//!
+//! One `Worker` is one VM's state: its root contexts (one per plugin
+//! config the VM serves), the configuration each has in force, and the
+//! requests in flight. The shell calls it from the proxy-wasm exports;
+//! the fuzzer runs one per simulated worker over one shared store; the
+//! native tests and benchmarks run it over a fake host. All of them run
+//! this code, so what is fuzzed and benchmarked is what ships.
+//!
+//! Per request it asks the host for:
+//! - every request header, once (`HeaderPairs` reads the buffer in place),
+//!   and the clock once when the service has any shared state;
+//! - one replace per header it changes (Envoy re-selects the route once);
+//! - one write to the retry budget (a reservation, carrying the settlements
+//!   of the worker's finished requests: `retry::reserve_settling`);
+//! - no breaker read while the worker's cached verdict is fresh
+//!   (`runtime::BREAKER_CACHE_MS`), and no breaker write for a clean
+//!   success: the worker holds those back and books them with its next
+//!   write or its tick (`breaker::PendingSuccesses`); failures are written
+//!   at once;
+//! - no metric call: counters add up in the VM and reach the host on the
+//!   tick;
+//! - at the end, the status, the attempts and the response flags, each
+//!   only when an outcome is booked.
+
+mod host;
+mod runtime;
+
+pub use host::{Host, MetricKind, Observed, Property};
+pub use runtime::{BREAKER_CACHE_MS, MAX_HELD, ROLLOUT_CACHE_MS};
+
+use crate::breaker::{self, Admission, Outcome, ProbeToken};
+use crate::config::{Config, Side};
+use crate::pairs::HeaderPairs;
+use crate::retry::{self, Reservation, Settlement};
+use crate::rollout::RolloutState;
+use crate::router::{Decision, RequestHeaders};
+use crate::shared;
+use crate::sticky::mix;
+use runtime::{Active, RetryRuntime};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+
+/// Held outcomes and counters are flushed, gauges refreshed and due rollout
+/// steps announced this often. A tick is a handful of host calls per
+/// service, against thousands a second on the request path.
+pub const TICK_MS: u32 = 250;
+/// Header on a local reply that says the breaker, not the upstream, refused.
+pub const BREAKER_HEADER: &str = "x-sluice-breaker";
+
+/// What the host should do after the request headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadersAction {
+    /// Let the request go on to the router.
+    Continue,
+    /// A local reply was sent: stop.
+    Stop,
+}
+
+/// A root context: one per plugin config the VM serves.
+struct Root {
+    active: Option<Rc<Active>>,
+}
+
+/// The bookkeeping of a routed request, from its headers to its log.
+struct Exchange {
+    /// The config the request started under: a reload mid-request does
+    /// not change where its outcome is booked.
+    active: Rc<Active>,
+    service: usize,
+    side: Side,
+    started_ms: u64,
+    responded_ms: Option<u64>,
+    probe: Option<ProbeToken>,
+    /// Retries reserved from the budget; settled at the end.
+    reservation: Option<Reservation>,
+    /// The breaker refused the request with a local reply.
+    rejected: bool,
+    /// The response status and the attempts, read with the response
+    /// headers (the router retries no more once it passes them on).
+    status: Option<u64>,
+    attempts: Option<u64>,
+}
+
+struct Stream {
+    root: u32,
+    exchange: Option<Exchange>,
+}
+
+/// Context ids are small distinct integers: a multiply spreads them well
+/// enough, and SipHash on every request would be wasted work.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 << 8 | u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = mix(u64::from(id));
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// One VM's state: what each callback of the proxy-wasm lifecycle does.
+#[derive(Default)]
+pub struct Worker {
+    roots: IdMap<Root>,
+    streams: IdMap<Stream>,
+}
+
+impl Worker {
+    pub fn new() -> Self {
+        Worker::default()
+    }
+
+    /// `proxy_on_context_create`: a root context (no parent) or a stream.
+    pub fn create_context(&mut self, context_id: u32, parent_context_id: u32) {
+        if parent_context_id == 0 {
+            self.roots.insert(context_id, Root { active: None });
+        } else {
+            self.streams.insert(
+                context_id,
+                Stream {
+                    root: parent_context_id,
+                    exchange: None,
+                },
+            );
+        }
+    }
+
+    /// `proxy_on_delete`: a stream is forgotten (Envoy calls `on_log`
+    /// first; a stream deleted without it books nothing), a root writes
+    /// out what its config held.
+    pub fn delete_context(&mut self, host: &impl Host, context_id: u32) {
+        if self.streams.remove(&context_id).is_none() {
+            if let Some(root) = self.roots.remove(&context_id) {
+                if let Some(active) = root.active {
+                    active.flush(host, host.now_ms());
+                }
+            }
+        }
+    }
+
+    /// `proxy_on_configure`: parses and applies the plugin configuration.
+    /// Returns false (the host refuses the config) with one log line saying
+    /// why; the config in force, if any, stays.
+    pub fn configure(&mut self, host: &impl Host, root_context_id: u32) -> bool {
+        let bytes = host.plugin_configuration();
+        let config = match Config::parse(&bytes) {
+            Ok(config) => config,
+            Err(err) => {
+                log::error!("sluice: config refused: {err}");
+                return false;
+            }
+        };
+        log::info!("sluice: config applied: {}", config.summary());
+        let now = host.now_ms();
+        let active = Active::new(host, config, now);
+        // Every config ticks: counters reach the host on the tick.
+        host.set_tick_period_ms(TICK_MS);
+        active.refresh(host, now);
+        let root = self
+            .roots
+            .entry(root_context_id)
+            .or_insert(Root { active: None });
+        // What the old config held goes out now: its state keys may be the
+        // new one's (an unchanged block keeps its state).
+        if let Some(old) = root.active.replace(Rc::new(active)) {
+            old.flush(host, now);
+        }
+        true
+    }
+
+    /// `proxy_on_tick`: writes what is held, refreshes gauges, announces
+    /// rollout steps.
+    pub fn tick(&mut self, host: &impl Host, root_context_id: u32) {
+        let Some(active) = self.active(root_context_id) else {
+            return;
+        };
+        let now = host.now_ms();
+        active.flush(host, now);
+        active.refresh(host, now);
+    }
+
+    fn active(&self, root_context_id: u32) -> Option<Rc<Active>> {
+        self.roots
+            .get(&root_context_id)
+            .and_then(|root| root.active.clone())
+    }
+
+    /// `proxy_on_request_headers`: routes the request.
+    pub fn request_headers(&mut self, host: &impl Host, context_id: u32) -> HeadersAction {
+        let Some(stream) = self.streams.get_mut(&context_id) else {
+            return HeadersAction::Continue;
+        };
+        let Some(active) = self
+            .roots
+            .get(&stream.root)
+            .and_then(|root| root.active.clone())
+        else {
+            return HeadersAction::Continue;
+        };
+        let buffer = host.request_header_pairs();
+        let pairs = HeaderPairs::new(&buffer);
+        let (exchange, rejected) = route(host, &active, &pairs);
+        // A client must never steer: the header names any cluster of the
+        // proxy. A steered request had it overwritten; any other loses it.
+        let steered = exchange.as_ref().is_some_and(|exchange| !exchange.rejected);
+        let steering_header = active.router.config().steering_header.as_str();
+        if !steered && pairs.contains(steering_header) {
+            host.remove_request_header(steering_header);
+        }
+        stream.exchange = exchange;
+        match rejected {
+            Some((service, retry_after_ms)) => {
+                reject(host, &service, retry_after_ms);
+                HeadersAction::Stop
+            }
+            None => HeadersAction::Continue,
+        }
+    }
+
+    /// `proxy_on_response_headers`: the router is done with the request.
+    pub fn response_headers(&mut self, host: &impl Host, context_id: u32) {
+        let Some(exchange) = self
+            .streams
+            .get_mut(&context_id)
+            .and_then(|stream| stream.exchange.as_mut())
+        else {
+            return;
+        };
+        if exchange.rejected || exchange.responded_ms.is_some() {
+            return;
+        }
+        let active = Rc::clone(&exchange.active);
+        let Some((service, runtime)) = active.service(exchange.service) else {
+            return;
+        };
+        let booked =
+            service.breaker.is_some() || (exchange.side == Side::Canary && runtime.has_rollout());
+        // Unused retries go back to the budget now, not at the end of a
+        // stream that may live for minutes.
+        if let Some(reservation) = exchange.reservation.take().filter(|r| r.granted > 0) {
+            exchange.attempts = host.integer_property(Property::AttemptCount);
+            active.settle(
+                host,
+                service,
+                runtime,
+                Settlement {
+                    reservation,
+                    attempts_made: exchange.attempts,
+                },
+            );
+        }
+        if !booked {
+            return;
+        }
+        if exchange.attempts.is_none() {
+            exchange.attempts = host.integer_property(Property::AttemptCount);
+        }
+        // Slowness is judged to the response headers: a long download is
+        // not a slow upstream.
+        if service
+            .breaker
+            .as_ref()
+            .is_some_and(|config| config.slow.is_some())
+        {
+            exchange.responded_ms = Some(host.now_ms());
+        } else {
+            exchange.responded_ms = Some(exchange.started_ms);
+        }
+        exchange.status = host.response_status();
+    }
+
+    /// `proxy_on_log`: settles and books the finished request.
+    pub fn log(&mut self, host: &impl Host, context_id: u32) {
+        let Some(stream) = self.streams.get_mut(&context_id) else {
+            return;
+        };
+        let Some(exchange) = stream.exchange.take() else {
+            // Unmatched: nothing to settle or book.
+            return;
+        };
+        let current = self
+            .roots
+            .get(&stream.root)
+            .and_then(|root| root.active.as_ref())
+            .is_some_and(|active| Rc::ptr_eq(active, &exchange.active));
+        finish(host, exchange, current);
+    }
+
+    /// Requests in flight (created and not deleted), for tests.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
+    }
+}
+
+/// Routes a request: service, side, breakers, retries. Returns the exchange
+/// to keep, and the service name and retry-after when the stable breaker
+/// refuses it.
+///
+/// Every header it changes is one host call (a replace: 0.46 µs in Envoy,
+/// `benches/hostcalls.sh`; writing the whole map back in one
+/// `proxy_set_header_map_pairs` costs 2.4 µs, and deletes every header
+/// when the map is beyond the host's limits). Envoy re-selects the route
+/// once, whatever the number of changes.
+fn route(
+    host: &impl Host,
+    active: &Rc<Active>,
+    pairs: &HeaderPairs<'_>,
+) -> (Option<Exchange>, Option<(String, u64)>) {
+    let Some(index) = active
+        .router
+        .find_service(pairs.get(":authority"), pairs.get(":path"))
+    else {
+        active.unmatched.increment();
+        return (None, None);
+    };
+    let Some((service, runtime)) = active.service(index) else {
+        return (None, None);
+    };
+    let stateful =
+        service.retry.is_some() || service.breaker.is_some() || service.rollout.is_some();
+    let now = if stateful {
+        let now = host.now_ms();
+        active.clock_hint.set(now);
+        now
+    } else {
+        0
+    };
+    let (weight_bp, cohort_weights) = if runtime.has_rollout() {
+        match active.rollout_view(host, service, runtime, now) {
+            // Before the start and after a rollback no percentage traffic
+            // reaches the canary, cohort weights included.
+            Some(view) => (
+                view.weight_bp,
+                !matches!(
+                    view.state,
+                    RolloutState::RolledBack { .. } | RolloutState::Pending
+                ),
+            ),
+            None => (0, false),
+        }
+    } else {
+        (service.weight_bp, true)
+    };
+    let mut headers = RequestView(pairs);
+    let Decision::Routed { mut side, rule, .. } = active.router.decide(
+        index,
+        weight_bp,
+        cohort_weights,
+        &mut headers,
+        active.random(),
+    ) else {
+        return (None, None);
+    };
+    if let Some(counter) = rule.and_then(|rule| runtime.rule_matched.get(rule)) {
+        counter.increment();
+    }
+    let mut exchange = Exchange {
+        active: Rc::clone(active),
+        service: index,
+        side,
+        started_ms: now,
+        responded_ms: None,
+        probe: None,
+        reservation: None,
+        rejected: false,
+        status: None,
+        attempts: None,
+    };
+    if side == Side::Canary {
+        match active.admit(host, service, runtime, Side::Canary, now) {
+            Admission::Allowed => {}
+            Admission::Probe(token) => exchange.probe = Some(token),
+            Admission::Rejected { .. } => {
+                // Users see no error: the canary's traffic goes to stable,
+                // and a canary hidden by its breaker still fails the
+                // rollout gate.
+                side = Side::Stable;
+                active.record_rollout(host, service, runtime, now, true);
+            }
+        }
+    }
+    exchange.side = side;
+    if side == Side::Stable {
+        match active.admit(host, service, runtime, Side::Stable, now) {
+            Admission::Allowed => {}
+            Admission::Probe(token) => exchange.probe = Some(token),
+            Admission::Rejected { retry_after_ms } => {
+                exchange.rejected = true;
+                return (Some(exchange), Some((service.name.clone(), retry_after_ms)));
+            }
+        }
+    }
+    if let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) {
+        exchange.reservation = Some(govern_retries(
+            host,
+            &service.name,
+            policy,
+            retry_runtime,
+            pairs,
+            now,
+        ));
+    }
+    host.set_request_header(
+        &active.router.config().steering_header,
+        service.cluster(side).as_bytes(),
+    );
+    match side {
+        Side::Stable => runtime.routed_stable.increment(),
+        Side::Canary => runtime.routed_canary.increment(),
+    }
+    (Some(exchange), None)
+}
+
+/// Settles and books a finished request. `current`: its config is still
+/// the one in force (otherwise what it leaves is written at once, since the
+/// old config will see no more ticks).
+fn finish(host: &impl Host, exchange: Exchange, current: bool) {
+    if exchange.rejected {
+        return;
+    }
+    let active = Rc::clone(&exchange.active);
+    let Some((service, runtime)) = active.service(exchange.service) else {
+        return;
+    };
+    let booked =
+        service.breaker.is_some() || (exchange.side == Side::Canary && runtime.has_rollout());
+    let granted = exchange
+        .reservation
+        .is_some_and(|reservation| reservation.granted > 0);
+    let attempts = match exchange.attempts {
+        Some(attempts) => Some(attempts),
+        None if booked || granted => host.integer_property(Property::AttemptCount),
+        None => None,
+    };
+    if let Some(reservation) = exchange.reservation.filter(|r| r.granted > 0) {
+        active.settle(
+            host,
+            service,
+            runtime,
+            Settlement {
+                reservation,
+                attempts_made: attempts,
+            },
+        );
+    }
+    if booked {
+        // Usually known from the response headers; a request that ended
+        // without any (reset, timeout before headers, client gone) is asked
+        // about here.
+        let status = exchange
+            .status
+            .or_else(|| host.integer_property(Property::ResponseCode))
+            .unwrap_or(0);
+        let server_error = (500..600).contains(&status);
+        // Flags are read even after a good status: a 200 whose connection
+        // the upstream cut mid-body (UC) failed the client all the same. A
+        // 5xx has failed already.
+        let flags = if server_error {
+            0
+        } else {
+            host.integer_property(Property::ResponseFlags).unwrap_or(0)
+        };
+        let attempts = attempts.unwrap_or(1);
+        let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
+        // No status and no upstream failure: the client went away, or the
+        // request never reached an upstream. Neither says anything about the
+        // cluster's health.
+        let outcome = (attempts > 0 && (status != 0 || failed)).then(|| {
+            let ended = exchange.responded_ms.unwrap_or_else(|| host.now_ms());
+            Outcome {
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                failed,
+                duration_ms: ended.saturating_sub(exchange.started_ms),
+            }
+        });
+        active.record_breaker(
+            host,
+            service,
+            runtime,
+            exchange.side,
+            exchange.started_ms,
+            outcome,
+            exchange.probe,
+        );
+        if exchange.side == Side::Canary {
+            if let Some(outcome) = outcome {
+                active.record_rollout(host, service, runtime, host.now_ms(), outcome.any_failure());
+            }
+        }
+    }
+    if !current {
+        active.flush(host, host.now_ms());
+    }
+}
+
+/// Plans the request's retries and timeouts, reserves the retries from the
+/// shared budget (settling the worker's finished requests in the same
+/// write), and writes every header the router reads for them, overwriting
+/// whatever the client sent.
+fn govern_retries(
+    host: &impl Host,
+    service: &str,
+    policy: &retry::RetryPolicy,
+    runtime: &RetryRuntime,
+    pairs: &HeaderPairs<'_>,
+    now: u64,
+) -> Reservation {
+    let grpc_timeout = pairs.get(retry::GRPC_TIMEOUT_HEADER);
+    let deadline_header = policy
+        .deadline_header
+        .as_deref()
+        .and_then(|name| pairs.get(name));
+    let deadline = retry::client_deadline_ms(grpc_timeout, deadline_header);
+    let plan = retry::plan(policy, deadline);
+    if plan.deadline_cut {
+        runtime.deadline_cut.increment();
+    }
+    // Even a request whose deadline leaves it no retry is deposited: the
+    // budget is a share of all requests. Only a policy that never retries
+    // skips the store.
+    let reservation = if policy.max_retries == 0 {
+        Reservation::unrecorded(0)
+    } else {
+        let result = {
+            let held = runtime.held.borrow();
+            shared::update(host, &runtime.key, |bytes| {
+                retry::reserve_settling(bytes, policy, now, plan.max_retries, &held)
+            })
+        };
+        match result {
+            Some(reservation) => {
+                runtime.held.borrow_mut().clear();
+                host.observe(Observed::Reserved {
+                    key: &runtime.key,
+                    budget: policy.budget,
+                    reservation: &reservation,
+                });
+                reservation
+            }
+            None => {
+                host.observe(Observed::UpdateLost { key: &runtime.key });
+                Reservation::unrecorded(plan.max_retries)
+            }
+        }
+    };
+    runtime.granted.add(u64::from(reservation.granted));
+    runtime.denied.add(u64::from(reservation.denied));
+    if reservation.dry && retry::dry_warning_due(runtime.last_dry_warning_ms.get(), now, policy) {
+        runtime.last_dry_warning_ms.set(Some(now));
+        log::warn!(
+            "sluice: retry budget of service {service} ran dry: {} of {} retries denied, {} tokens left",
+            reservation.denied,
+            plan.max_retries,
+            reservation.level
+        );
+    }
+    retry::for_each_request_header(policy, &plan, reservation.granted, |name, value| {
+        match value {
+            Some(value) => host.set_request_header(name, value),
+            // Only what the client sent needs removing.
+            None if pairs.contains(name) => host.remove_request_header(name),
+            None => {}
+        }
+    });
+    reservation
+}
+
+/// Fails a request fast while the stable cluster's breaker is open.
+fn reject(host: &impl Host, service: &str, retry_after_ms: u64) {
+    let retry_after = breaker::retry_after_seconds(retry_after_ms).to_string();
+    let body = format!(
+        "sluice: circuit breaker of service {service} is open; retry after {retry_after}s\n"
+    );
+    host.send_local_response(
+        503,
+        &[
+            ("retry-after", retry_after.as_str()),
+            (BREAKER_HEADER, "open"),
+            ("content-type", "text/plain"),
+        ],
+        body.as_bytes(),
+    );
+}
+
+/// The request headers, read from the one buffer the host returned.
+struct RequestView<'p, 'a>(&'p HeaderPairs<'a>);
+
+impl RequestHeaders for RequestView<'_, '_> {
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        self.0.get(name)
+    }
+}

@@ -1,0 +1,467 @@
+//! A host in memory for the engine, shared by the native tests, the fuzz
+//! targets and the benchmarks, so that each of them drives the engine that
+//! ships rather than a copy of its logic.
+//!
+//! - `FaultyStore`: Envoy's shared-data rules (`shared::MemoryStore`), plus
+//!   CAS races lost on demand and a log of every write, so an oracle can
+//!   check each state change against what the engine reported.
+//! - `FakeHost`: one VM's view of the host: the shared store and clock
+//!   (both shared with the other simulated VMs), its own randomness, the
+//!   state of each stream (request headers as the filter left them,
+//!   response facts, a local reply), metrics, and every host crossing
+//!   counted.
+//! - `Vm`: a `Worker` with its `FakeHost`, driven through the proxy-wasm
+//!   lifecycle one callback at a time.
+//!
+//! Nothing here is used by the shell, so none of it reaches `sluice.wasm`
+//! (the linker drops it).
+
+use crate::breaker::Transition;
+use crate::engine::{HeadersAction, Host, MetricKind, Observed, Property, Worker};
+use crate::retry::{Budget, Reservation};
+use crate::shared::{CasMismatch, MemoryStore, SharedStore};
+use crate::sticky::Rng;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A successful write to the store: the key, and its bytes before and after.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub key: String,
+    pub old: Option<Vec<u8>>,
+    pub new: Vec<u8>,
+}
+
+/// Envoy's shared data for every simulated VM of a process, with CAS races
+/// lost on demand and every write logged.
+#[derive(Debug, Default)]
+pub struct FaultyStore {
+    inner: MemoryStore,
+    fail_next: Cell<u32>,
+    writes: RefCell<Vec<Write>>,
+}
+
+impl FaultyStore {
+    /// The next `count` writes lose their CAS race, whatever their token.
+    pub fn lose_next_writes(&self, count: u32) {
+        self.fail_next.set(count);
+    }
+
+    /// The writes since the last call.
+    pub fn take_writes(&self) -> Vec<Write> {
+        std::mem::take(&mut *self.writes.borrow_mut())
+    }
+
+    pub fn bytes(&self, key: &str) -> Option<Vec<u8>> {
+        self.inner.get(key).map(|(bytes, _)| bytes)
+    }
+}
+
+impl SharedStore for FaultyStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        let failing = self.fail_next.get();
+        if failing > 0 {
+            self.fail_next.set(failing - 1);
+            return Err(CasMismatch);
+        }
+        let old = self.inner.get(key).map(|(bytes, _)| bytes);
+        self.inner.set(key, value, cas)?;
+        self.writes.borrow_mut().push(Write {
+            key: key.to_string(),
+            old,
+            new: value.to_vec(),
+        });
+        Ok(())
+    }
+}
+
+/// A local reply the engine sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// One stream as the host sees it.
+#[derive(Debug, Clone, Default)]
+pub struct StreamState {
+    /// The request headers, lower-case names, as the filter left them.
+    pub request_headers: Vec<(String, Vec<u8>)>,
+    /// `:status` of the response headers.
+    pub response_status: Option<u64>,
+    /// The `response.code` property.
+    pub response_code: Option<u64>,
+    /// The `response.flags` property.
+    pub response_flags: Option<u64>,
+    /// The `upstream.request_attempt_count` property.
+    pub attempts: Option<u64>,
+    pub local_reply: Option<LocalReply>,
+}
+
+impl StreamState {
+    /// The first value of a request header.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.request_headers
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, value)| value.as_slice())
+    }
+}
+
+/// What the engine reported through `Host::observe`, owned.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Reserved {
+        key: String,
+        budget: Budget,
+        reservation: Reservation,
+    },
+    BreakerChanged {
+        key: String,
+        transition: Transition,
+    },
+    UpdateLost {
+        key: String,
+    },
+}
+
+/// A metric the engine defined, and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    pub kind: MetricKind,
+    pub name: String,
+    pub value: i64,
+}
+
+/// One VM's view of the host.
+#[derive(Debug)]
+pub struct FakeHost {
+    pub store: Rc<FaultyStore>,
+    pub clock: Rc<Cell<u64>>,
+    rng: RefCell<Rng>,
+    pub configuration: RefCell<Vec<u8>>,
+    pub tick_period_ms: Cell<Option<u32>>,
+    pub streams: RefCell<HashMap<u32, StreamState>>,
+    /// The stream the host is calling back for.
+    pub current: Cell<u32>,
+    pub metrics: RefCell<Vec<Metric>>,
+    pub events: RefCell<Vec<Event>>,
+    /// Every call into the host (each is a crossing in Envoy).
+    pub crossings: Cell<u64>,
+}
+
+impl FakeHost {
+    pub fn new(store: Rc<FaultyStore>, clock: Rc<Cell<u64>>, seed: u64) -> Self {
+        FakeHost {
+            store,
+            clock,
+            rng: RefCell::new(Rng::new(seed)),
+            configuration: RefCell::new(Vec::new()),
+            tick_period_ms: Cell::new(None),
+            streams: RefCell::new(HashMap::new()),
+            current: Cell::new(0),
+            metrics: RefCell::new(Vec::new()),
+            events: RefCell::new(Vec::new()),
+            crossings: Cell::new(0),
+        }
+    }
+
+    fn cross(&self) {
+        self.crossings.set(self.crossings.get() + 1);
+    }
+
+    fn with_stream<T>(&self, call: impl FnOnce(&mut StreamState) -> T) -> T {
+        let mut streams = self.streams.borrow_mut();
+        call(streams.entry(self.current.get()).or_default())
+    }
+
+    /// A metric's value by name (counters: the sum flushed so far).
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        self.metrics
+            .borrow()
+            .iter()
+            .find(|metric| metric.name == name)
+            .map(|metric| metric.value)
+    }
+
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.borrow_mut())
+    }
+}
+
+impl SharedStore for FakeHost {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.cross();
+        self.store.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        self.cross();
+        self.store.set(key, value, cas)
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ms(&self) -> u64 {
+        self.cross();
+        self.clock.get()
+    }
+
+    fn random_u64(&self) -> Option<u64> {
+        self.cross();
+        Some(self.rng.borrow_mut().next_u64())
+    }
+
+    fn plugin_configuration(&self) -> Vec<u8> {
+        self.cross();
+        self.configuration.borrow().clone()
+    }
+
+    fn set_tick_period_ms(&self, period_ms: u32) {
+        self.cross();
+        self.tick_period_ms.set(Some(period_ms));
+    }
+
+    fn request_header_pairs(&self) -> Vec<u8> {
+        self.cross();
+        self.with_stream(|stream| {
+            let pairs: Vec<(&[u8], &[u8])> = stream
+                .request_headers
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), value.as_slice()))
+                .collect();
+            crate::pairs::serialize(&pairs)
+        })
+    }
+
+    fn set_request_header(&self, name: &str, value: &[u8]) {
+        self.cross();
+        self.with_stream(|stream| {
+            stream.request_headers.retain(|(known, _)| known != name);
+            stream
+                .request_headers
+                .push((name.to_string(), value.to_vec()));
+        });
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        self.cross();
+        self.with_stream(|stream| stream.request_headers.retain(|(known, _)| known != name));
+    }
+
+    fn response_status(&self) -> Option<u64> {
+        self.cross();
+        self.with_stream(|stream| stream.response_status)
+    }
+
+    fn integer_property(&self, property: Property) -> Option<u64> {
+        self.cross();
+        self.with_stream(|stream| match property {
+            Property::ResponseCode => stream.response_code,
+            Property::ResponseFlags => stream.response_flags,
+            Property::AttemptCount => stream.attempts,
+        })
+    }
+
+    fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        self.cross();
+        self.with_stream(|stream| {
+            stream.local_reply = Some(LocalReply {
+                status,
+                headers: headers
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.to_string()))
+                    .collect(),
+                body: body.to_vec(),
+            });
+        });
+    }
+
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        self.cross();
+        let mut metrics = self.metrics.borrow_mut();
+        // Envoy returns the same id for a name defined again.
+        if let Some(id) = metrics.iter().position(|metric| metric.name == name) {
+            return u32::try_from(id).ok();
+        }
+        metrics.push(Metric {
+            kind,
+            name: name.to_string(),
+            value: 0,
+        });
+        u32::try_from(metrics.len() - 1).ok()
+    }
+
+    fn increment_metric(&self, id: u32, offset: i64) {
+        self.cross();
+        if let Some(metric) = self.metrics.borrow_mut().get_mut(id as usize) {
+            metric.value = metric.value.saturating_add(offset);
+        }
+    }
+
+    fn record_metric(&self, id: u32, value: u64) {
+        self.cross();
+        if let Some(metric) = self.metrics.borrow_mut().get_mut(id as usize) {
+            metric.value = i64::try_from(value).unwrap_or(i64::MAX);
+        }
+    }
+
+    fn observe(&self, event: Observed<'_>) {
+        let owned = match event {
+            Observed::Reserved {
+                key,
+                budget,
+                reservation,
+            } => Event::Reserved {
+                key: key.to_string(),
+                budget,
+                reservation: *reservation,
+            },
+            Observed::BreakerChanged { key, transition } => Event::BreakerChanged {
+                key: key.to_string(),
+                transition: *transition,
+            },
+            Observed::UpdateLost { key } => Event::UpdateLost {
+                key: key.to_string(),
+            },
+        };
+        self.events.borrow_mut().push(owned);
+    }
+}
+
+/// The root context id every `Vm` configures.
+pub const ROOT_CONTEXT: u32 = 1;
+
+/// How a request ended, as Envoy reports it at `on_log`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// `response.code` (`None`: no response, e.g. a reset).
+    pub code: Option<u64>,
+    /// `response.flags`.
+    pub flags: u64,
+    /// `upstream.request_attempt_count` (`None`: not reported).
+    pub attempts: Option<u64>,
+}
+
+/// A worker and its host, driven one callback at a time as Envoy does.
+pub struct Vm {
+    pub worker: Worker,
+    pub host: FakeHost,
+    next_context: u32,
+}
+
+impl Vm {
+    /// A VM with a root context, not yet configured.
+    pub fn new(store: Rc<FaultyStore>, clock: Rc<Cell<u64>>, seed: u64) -> Self {
+        let mut worker = Worker::new();
+        worker.create_context(ROOT_CONTEXT, 0);
+        Vm {
+            worker,
+            host: FakeHost::new(store, clock, seed),
+            next_context: ROOT_CONTEXT + 1,
+        }
+    }
+
+    /// `on_configure` with this configuration; whether it was accepted.
+    pub fn configure(&mut self, json: &[u8]) -> bool {
+        *self.host.configuration.borrow_mut() = json.to_vec();
+        self.worker.configure(&self.host, ROOT_CONTEXT)
+    }
+
+    pub fn tick(&mut self) {
+        self.worker.tick(&self.host, ROOT_CONTEXT);
+    }
+
+    /// A new stream through `on_request_headers`; its context id and what
+    /// the engine answered.
+    pub fn request<N: AsRef<str>, V: AsRef<[u8]>>(
+        &mut self,
+        headers: &[(N, V)],
+    ) -> (u32, HeadersAction) {
+        let context = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        self.worker.create_context(context, ROOT_CONTEXT);
+        let state = StreamState {
+            request_headers: headers
+                .iter()
+                .map(|(name, value)| (name.as_ref().to_string(), value.as_ref().to_vec()))
+                .collect(),
+            ..StreamState::default()
+        };
+        self.host.streams.borrow_mut().insert(context, state);
+        self.host.current.set(context);
+        let action = self.worker.request_headers(&self.host, context);
+        (context, action)
+    }
+
+    /// `on_response_headers` with this `:status`, after the router made
+    /// `attempts` attempts (`None`: the property is not reported).
+    pub fn respond(&mut self, context: u32, status: u64, attempts: Option<u64>) {
+        self.host.current.set(context);
+        if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
+            stream.response_status = Some(status);
+            stream.response_code = Some(status);
+            stream.attempts = attempts;
+        }
+        self.worker.response_headers(&self.host, context);
+    }
+
+    /// `on_log` then `on_delete`. Facts the response headers already gave
+    /// stay as they were (Envoy's properties do not change after them).
+    pub fn end(&mut self, context: u32, ending: Ending) {
+        self.host.current.set(context);
+        if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
+            if stream.response_status.is_none() {
+                stream.response_code = ending.code;
+                stream.attempts = ending.attempts;
+            }
+            stream.response_flags = Some(ending.flags);
+        }
+        self.worker.log(&self.host, context);
+        self.worker.delete_context(&self.host, context);
+    }
+
+    /// The stream is deleted without `on_log` (its VM is going away).
+    pub fn abandon(&mut self, context: u32) {
+        self.host.current.set(context);
+        self.worker.delete_context(&self.host, context);
+    }
+
+    /// A whole request: headers, response headers with `status` after
+    /// `attempts` attempts, log. Returns the stream as the host saw it.
+    pub fn exchange<N: AsRef<str>, V: AsRef<[u8]>>(
+        &mut self,
+        headers: &[(N, V)],
+        status: u64,
+        attempts: u64,
+    ) -> StreamState {
+        let (context, action) = self.request(headers);
+        if action == HeadersAction::Continue {
+            self.respond(context, status, Some(attempts));
+        }
+        self.end(
+            context,
+            Ending {
+                code: Some(status),
+                flags: 0,
+                attempts: Some(attempts),
+            },
+        );
+        self.forget(context)
+    }
+
+    /// Removes a finished stream's host state and returns it.
+    pub fn forget(&mut self, context: u32) -> StreamState {
+        self.host
+            .streams
+            .borrow_mut()
+            .remove(&context)
+            .unwrap_or_default()
+    }
+}
