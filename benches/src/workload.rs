@@ -44,6 +44,14 @@ pub fn passthrough_wasm() -> PathBuf {
         .unwrap_or_else(|| target_dir().join("wasm32-wasip1/release/sluice_passthrough.wasm"))
 }
 
+/// `$SLUICE_PASSTHROUGH_RAW_WASM`, else the release build of
+/// `sluice-passthrough-raw` (the pass-through without the SDK).
+pub fn passthrough_raw_wasm() -> PathBuf {
+    std::env::var_os("SLUICE_PASSTHROUGH_RAW_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip1/release/sluice_passthrough_raw.wasm"))
+}
+
 /// The host-call probe (`benches/hostcall-probe`), for the load benchmark's
 /// `sluice-calls` setup.
 pub fn probe_wasm() -> PathBuf {
@@ -56,8 +64,9 @@ pub fn probe_wasm() -> PathBuf {
 pub fn read_wasm(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| {
         format!(
-            "{}: {e}; build both modules first:\n  cargo build --release --target wasm32-wasip1 \
-             -p sluice -p sluice-passthrough -p sluice-hostcall-probe",
+            "{}: {e}; build the modules first:\n  cargo build --release --target wasm32-wasip1 \
+             -p sluice -p sluice-passthrough -p sluice-passthrough-raw \
+             -p sluice-hostcall-probe",
             path.display()
         )
     })

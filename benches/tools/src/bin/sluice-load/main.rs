@@ -41,9 +41,12 @@ options:
   --warmup S          seconds of unmeasured load per setup before round 1 (default 3)
   --connections N     wrk connections, fixed (default 16)
   --threads N         wrk threads (default 1)
-  --setups a,b,...    any of ceiling,passthrough,sluice,native,lua (the default set) and
+  --setups a,b,...    any of ceiling,passthrough,sluice,native,lua (the default set),
                       sluice-split,sluice-noretry (Sluice with parts removed, to price them)
+                      and passthrough-raw (pass-through without the SDK's extra callbacks)
   --upstream KIND     envoy (direct_response, default) or harness (sluice-envoy's Upstream)
+  --response-bytes N  the upstream's response body in bytes (default 3: ok and a newline);
+                      envoy upstream only (body chunks per response: benches/README.md)
   --pin               pin the proxies to CPU 1, wrk and the upstream to CPU 0 (taskset)
   --wait-idle S       wait up to S seconds for a 1-minute load average below 0.5
   --quick             smoke run: 1 round of 2 s, 1 s warm-up, 8 connections
@@ -66,6 +69,8 @@ struct Options {
     threads: usize,
     setups: Vec<Setup>,
     upstream: UpstreamKind,
+    /// The upstream's response body size (`None`: `ok\n`).
+    response_bytes: Option<usize>,
     pin: bool,
     wait_idle: u64,
     quick: bool,
@@ -82,6 +87,7 @@ fn parse_options() -> Result<Options, String> {
         threads: 1,
         setups: Setup::ALL.to_vec(),
         upstream: UpstreamKind::Envoy,
+        response_bytes: None,
         pin: false,
         wait_idle: 0,
         quick: false,
@@ -113,6 +119,9 @@ fn parse_options() -> Result<Options, String> {
                     other => return Err(format!("unknown upstream {other}")),
                 }
             }
+            "--response-bytes" => {
+                options.response_bytes = Some(number(value("--response-bytes")?)? as usize);
+            }
             "--pin" => options.pin = true,
             "--quick" => options.quick = true,
             "--out" => options.out = PathBuf::from(value("--out")?),
@@ -142,6 +151,11 @@ fn parse_options() -> Result<Options, String> {
     }
     if options.rounds == 0 || options.duration == 0 || options.setups.is_empty() {
         return Err("rounds, duration and setups must not be zero/empty".into());
+    }
+    if options.response_bytes.is_some() && options.upstream != UpstreamKind::Envoy {
+        return Err(
+            "--response-bytes needs the envoy upstream (the harness's body is fixed)".into(),
+        );
     }
     Ok(options)
 }
@@ -250,10 +264,10 @@ enum UpstreamProcess {
 }
 
 impl UpstreamProcess {
-    fn start(kind: UpstreamKind) -> Result<UpstreamProcess, String> {
+    fn start(kind: UpstreamKind, body: &str) -> Result<UpstreamProcess, String> {
         match kind {
             UpstreamKind::Envoy => {
-                let yaml = setups::upstream_yaml();
+                let yaml = setups::upstream_yaml(body);
                 check_valid("upstream", &yaml)?;
                 let envoy = Envoy::start_yaml(&yaml, &envoy_options())
                     .map_err(|e| format!("upstream Envoy: {e}"))?;
@@ -438,13 +452,18 @@ struct Proxy {
 fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec<Proxy>, String> {
     let sluice_wasm = workload::sluice_wasm();
     let passthrough_wasm = workload::passthrough_wasm();
+    let passthrough_raw_wasm = workload::passthrough_raw_wasm();
     let probe_wasm = workload::probe_wasm();
     for path in [&sluice_wasm, &passthrough_wasm, &probe_wasm] {
         workload::read_wasm(path)?;
     }
+    if options.setups.contains(&Setup::PassthroughRaw) {
+        workload::read_wasm(&passthrough_raw_wasm)?;
+    }
     let inputs = Inputs {
         sluice_wasm: &sluice_wasm,
         passthrough_wasm: &passthrough_wasm,
+        passthrough_raw_wasm: &passthrough_raw_wasm,
         probe_wasm: &probe_wasm,
         sluice_config: REALISTIC_CONFIG,
         upstream_ports: ports,
@@ -464,8 +483,9 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
     Ok(proxies)
 }
 
-/// Each setup answers 200 and routes x-canary: always/never as it should.
-fn smoke_check(proxy: &Proxy) -> Result<(), String> {
+/// Each setup answers 200 with the upstream's whole body and routes
+/// x-canary: always/never as it should.
+fn smoke_check(proxy: &Proxy, expected_body: Option<usize>) -> Result<(), String> {
     let mut client = Client::new(proxy.envoy.addr()).with_timeout(Duration::from_secs(5));
     let checks = [
         ("always", if proxy.setup.steers() { "v2" } else { "v1" }),
@@ -486,6 +506,13 @@ fn smoke_check(proxy: &Proxy) -> Result<(), String> {
                 response.status,
                 response.upstream(),
                 sluice_envoy::envoy::tail(&proxy.envoy.log(), 20)
+            ));
+        }
+        if let Some(expected) = expected_body.filter(|&n| n != response.body.len()) {
+            return Err(format!(
+                "{}: x-canary: {canary} answered a {}-byte body, expected {expected} bytes",
+                proxy.setup.name(),
+                response.body.len()
             ));
         }
     }
@@ -651,6 +678,15 @@ fn report(
         context.load_end,
         context.raw_dir.display(),
     );
+    let _ = writeln!(
+        md,
+        "- Response body: {}",
+        match (options.upstream, options.response_bytes) {
+            (UpstreamKind::Harness, _) => "the harness upstream's own (a few bytes)".to_string(),
+            (UpstreamKind::Envoy, None) => "3 bytes (`ok\\n`, the default)".to_string(),
+            (UpstreamKind::Envoy, Some(n)) => format!("{n} bytes (`--response-bytes {n}`)"),
+        }
+    );
     let _ = writeln!(md, "- Filter code: {}", workload::filter_revision());
     for (name, size, digest) in &context.wasm_sizes {
         let _ = writeln!(
@@ -712,6 +748,21 @@ fn report(
     }
 
     let find = |setup: Setup| summaries.iter().find(|s| s.setup == setup);
+    if let (Some(sdk), Some(raw)) = (find(Setup::Passthrough), find(Setup::PassthroughRaw)) {
+        let _ = writeln!(
+            md,
+            "\nDo-nothing module with the SDK (every callback exported) against one exporting \
+             only Sluice's callbacks: {:.1} µs against {:.1} µs of Envoy CPU per request, \
+             **{:+.1} µs** for the SDK's extra callbacks ({:+.1} µs scaled by the upstream's \
+             CPU); throughput {:.3} × raw.",
+            sdk.cpu_us,
+            raw.cpu_us,
+            sdk.cpu_us - raw.cpu_us,
+            (sdk.cpu_vs_upstream - raw.cpu_vs_upstream) * raw.cpu_us
+                / raw.cpu_vs_upstream.max(f64::MIN_POSITIVE),
+            sdk.rps / raw.rps,
+        );
+    }
     if let (Some(sluice), Some(floor)) = (find(Setup::Sluice), find(Setup::Passthrough)) {
         let throughput = sluice.rps / floor.rps;
         let p99 = sluice.p99 / floor.p99 - 1.0;
@@ -911,11 +962,12 @@ fn chart(options: &Options, summaries: &[Summary], busy: bool) -> String {
         }),
     ];
     let footnote = format!(
-        "Envoy 1.40, --concurrency 1; wrk -t{} -c{} -d{}s, {} round(s), median with min–max whiskers.{}",
+        "Envoy 1.40, --concurrency 1; wrk -t{} -c{} -d{}s, {} round(s), {}-byte responses, median with min–max whiskers.{}",
         options.threads,
         options.connections,
         options.duration,
         options.rounds,
+        options.response_bytes.unwrap_or(3),
         if busy {
             " Machine busy before the run (load ≥ 0.5): indicative only."
         } else {
@@ -975,7 +1027,16 @@ fn run(options: &Options) -> Result<(), String> {
         "sluice-load: starting the upstream ({:?})",
         options.upstream
     );
-    let upstream = UpstreamProcess::start(options.upstream)?;
+    let body = setups::response_body(options.response_bytes);
+    let upstream = UpstreamProcess::start(options.upstream, &body)?;
+    // The body every response must carry (the harness's is its own).
+    let expected_body = match upstream {
+        UpstreamProcess::Envoy(_) => {
+            let _ = std::fs::write(raw_dir.join("upstream.yaml"), setups::upstream_yaml(&body));
+            Some(body.len())
+        }
+        UpstreamProcess::Harness(..) => None,
+    };
     if options.pin {
         if let UpstreamProcess::Envoy(envoy) = &upstream {
             pin(envoy.pid(), 0);
@@ -1001,7 +1062,7 @@ fn run(options: &Options) -> Result<(), String> {
     );
     let proxies = start_proxies(options, ports, &raw_dir)?;
     for proxy in &proxies {
-        smoke_check(proxy)?;
+        smoke_check(proxy, expected_body)?;
     }
     let ticks = clock_ticks();
     let mut memory: BTreeMap<&'static str, Memory> = BTreeMap::new();
@@ -1053,7 +1114,7 @@ fn run(options: &Options) -> Result<(), String> {
             let upstream_cpu_us =
                 (cpu_seconds(upstream.pid(), ticks) - upstream_before) * 1e6 / requests;
             eprintln!(
-                "sluice-load: round {}/{} {:<12} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>5.1} µs/req  load {:.2}",
+                "sluice-load: round {}/{} {:<15} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>5.1} µs/req  load {:.2}",
                 round + 1,
                 options.rounds,
                 proxy.setup.name(),
@@ -1129,7 +1190,11 @@ fn run(options: &Options) -> Result<(), String> {
         .map(|&setup| summarise(setup, samples.get(setup.name()).map_or(&[], Vec::as_slice)))
         .collect();
     let load_end = load_average();
-    let wasm_sizes = [workload::sluice_wasm(), workload::passthrough_wasm()]
+    let mut wasm_paths = vec![workload::sluice_wasm(), workload::passthrough_wasm()];
+    if options.setups.contains(&Setup::PassthroughRaw) {
+        wasm_paths.push(workload::passthrough_raw_wasm());
+    }
+    let wasm_sizes = wasm_paths
         .iter()
         .map(|p| {
             (
