@@ -460,8 +460,22 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
     if options.setups.contains(&Setup::PassthroughRaw) {
         workload::read_wasm(&passthrough_raw_wasm)?;
     }
+    let baseline_wasm = match std::env::var_os("SLUICE_BASELINE_WASM") {
+        Some(path) => PathBuf::from(path),
+        None if options.setups.contains(&Setup::SluiceBaseline) => {
+            return Err(
+                "the sluice-baseline setup needs SLUICE_BASELINE_WASM=<the other build's sluice.wasm>"
+                    .to_string(),
+            )
+        }
+        None => sluice_wasm.clone(),
+    };
+    if options.setups.contains(&Setup::SluiceBaseline) {
+        workload::read_wasm(&baseline_wasm)?;
+    }
     let inputs = Inputs {
         sluice_wasm: &sluice_wasm,
+        baseline_wasm: &baseline_wasm,
         passthrough_wasm: &passthrough_wasm,
         passthrough_raw_wasm: &passthrough_raw_wasm,
         probe_wasm: &probe_wasm,
@@ -1193,6 +1207,11 @@ fn run(options: &Options) -> Result<(), String> {
     let mut wasm_paths = vec![workload::sluice_wasm(), workload::passthrough_wasm()];
     if options.setups.contains(&Setup::PassthroughRaw) {
         wasm_paths.push(workload::passthrough_raw_wasm());
+    }
+    if let Some(baseline) = std::env::var_os("SLUICE_BASELINE_WASM")
+        .filter(|_| options.setups.contains(&Setup::SluiceBaseline))
+    {
+        wasm_paths.push(PathBuf::from(baseline));
     }
     let wasm_sizes = wasm_paths
         .iter()

@@ -33,6 +33,10 @@ pub enum Setup {
     /// with fixed values and no policy: what any proxy-wasm filter asking
     /// Envoy for the same things pays, so Sluice minus this is its own code.
     SluiceCalls,
+    /// Sluice with the realistic config, from another build
+    /// (`$SLUICE_BASELINE_WASM`): the A/B of a change, in the same run as
+    /// `Sluice` (not in the default set).
+    SluiceBaseline,
 }
 
 impl Setup {
@@ -46,10 +50,11 @@ impl Setup {
     ];
 
     /// Extra setups, selectable with `--setups`.
-    pub const EXTRA: [Setup; 3] = [
+    pub const EXTRA: [Setup; 4] = [
         Setup::SluiceSplit,
         Setup::SluiceNoRetry,
         Setup::PassthroughRaw,
+        Setup::SluiceBaseline,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +68,7 @@ impl Setup {
             Setup::SluiceSplit => "sluice-split",
             Setup::SluiceNoRetry => "sluice-noretry",
             Setup::SluiceCalls => "sluice-calls",
+            Setup::SluiceBaseline => "sluice-baseline",
         }
     }
 
@@ -87,6 +93,9 @@ impl Setup {
             Setup::SluiceCalls => {
                 "Sluice's host calls and nothing else (the probe module): the floor for what Sluice asks of Envoy"
             }
+            Setup::SluiceBaseline => {
+                "Sluice as in the sluice setup, from the build at $SLUICE_BASELINE_WASM: the A/B of a change"
+            }
         }
     }
 
@@ -101,7 +110,11 @@ impl Setup {
     pub fn steers(self) -> bool {
         matches!(
             self,
-            Setup::Sluice | Setup::Native | Setup::Lua | Setup::SluiceNoRetry
+            Setup::Sluice
+                | Setup::SluiceBaseline
+                | Setup::Native
+                | Setup::Lua
+                | Setup::SluiceNoRetry
         )
     }
 
@@ -114,6 +127,7 @@ impl Setup {
                 | Setup::SluiceSplit
                 | Setup::SluiceNoRetry
                 | Setup::SluiceCalls
+                | Setup::SluiceBaseline
         )
     }
 }
@@ -121,6 +135,8 @@ impl Setup {
 /// What the proxy configs need to know.
 pub struct Inputs<'a> {
     pub sluice_wasm: &'a Path,
+    /// The other build of `SluiceBaseline`.
+    pub baseline_wasm: &'a Path,
     pub passthrough_wasm: &'a Path,
     pub passthrough_raw_wasm: &'a Path,
     pub probe_wasm: &'a Path,
@@ -445,6 +461,10 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
         ),
         Setup::Sluice => (
             wasm_filter("sluice", "sluice", inputs.sluice_wasm, inputs.sluice_config),
+            steering_routes(),
+        ),
+        Setup::SluiceBaseline => (
+            wasm_filter("sluice", "sluice", inputs.baseline_wasm, inputs.sluice_config),
             steering_routes(),
         ),
         Setup::SluiceCalls => (
