@@ -8,9 +8,10 @@
 //! policy, and writes the decision back.
 
 pub mod breaker;
+mod codec;
 pub mod config;
+mod decimal;
 pub mod device;
-pub mod json;
 pub mod pairs;
 pub mod retry;
 pub mod rollout;
