@@ -30,7 +30,8 @@
 //! breaker is closed (`check` is read-only) and one CAS update at request
 //! end (`record`). Only a half-open probe takes a CAS at request start.
 
-use crate::json::{decimal, error, ratio_decimal, Node, Result};
+use crate::codec::{Fingerprint, Reader};
+use crate::decimal::{ppm_text, ratio_decimal, PPM};
 use crate::sticky::mix;
 use std::fmt;
 
@@ -61,12 +62,7 @@ pub const DEFAULT_HALF_OPEN_REQUESTS: u8 = 3;
 
 /// Longest open time, slow-call threshold and so on: one hour. Anything
 /// longer is a typo, and the bound keeps every sum far from overflow.
-const MAX_DURATION_MS: u64 = 3_600_000;
-
-/// Rates are kept in parts per million so that comparisons are exact integer
-/// arithmetic: `0.1 * 30` is 3.0000000000000004 in floating point, and three
-/// failures out of thirty must trip a 0.1 threshold.
-pub(crate) const PPM: u64 = 1_000_000;
+pub const MAX_DURATION_MS: u64 = 3_600_000;
 
 /// Byte-encoding version; bytes of any other version are a fresh state.
 const VERSION: u8 = 2;
@@ -142,93 +138,6 @@ impl BreakerConfig {
         print.u64(u64::from(self.half_open_requests));
         print.finish()
     }
-}
-
-/// Parses a `breaker` block; every key is optional, unknown keys are refused.
-pub fn parse(node: &Node) -> Result<BreakerConfig> {
-    let mut object = node.object()?;
-    let mut config = BreakerConfig::default();
-    if let Some(node) = object.optional("window_s") {
-        config.window_ms = node.integer_in(1, 300)? * 1000;
-    }
-    if let Some(node) = object.optional("min_requests") {
-        config.min_requests = count(&node)?;
-    }
-    if let Some(node) = object.optional("failure_rate") {
-        config.failure_rate_ppm = positive_rate(&node)?;
-    }
-    if let Some(node) = object.optional("consecutive_failures") {
-        config.consecutive_failures = Some(count(&node)?);
-    }
-    let slow_ms = object.optional("slow_ms");
-    let slow_rate = object.optional("slow_rate");
-    config.slow = match (slow_ms, slow_rate) {
-        (Some(ms), Some(rate)) => Some(SlowCalls {
-            threshold_ms: ms.integer_in(1, MAX_DURATION_MS)?,
-            rate_ppm: positive_rate(&rate)?,
-        }),
-        (None, None) => None,
-        (Some(_), None) => {
-            return error(
-                &format!("{}.slow_rate", object.path()),
-                "is required with slow_ms (which share of calls may be slow)",
-            )
-        }
-        (None, Some(_)) => {
-            return error(
-                &format!("{}.slow_ms", object.path()),
-                "is required with slow_rate (how long a call must take to be slow)",
-            )
-        }
-    };
-    if let Some(node) = object.optional("open_ms") {
-        config.open_ms = node.integer_in(1, MAX_DURATION_MS)?;
-    }
-    config.max_open_ms = match object.optional("max_open_ms") {
-        Some(node) => {
-            let max = node.integer_in(1, MAX_DURATION_MS)?;
-            if max < config.open_ms {
-                return node.fail(format!(
-                    "must be at least open_ms ({}), got {max}",
-                    config.open_ms
-                ));
-            }
-            max
-        }
-        None => DEFAULT_MAX_OPEN_MS.max(config.open_ms),
-    };
-    if let Some(node) = object.optional("half_open_requests") {
-        // 1..=100 fits a u8.
-        config.half_open_requests = node.integer_in(1, 100)? as u8;
-    }
-    object.finish()?;
-    Ok(config)
-}
-
-fn count(node: &Node) -> Result<u32> {
-    // 1..=1_000_000 fits a u32.
-    Ok(node.integer_in(1, 1_000_000)? as u32)
-}
-
-/// A rate in `(0, 1]`, in parts per million (rounded, at least 1).
-fn positive_rate(node: &Node) -> Result<u32> {
-    let rate = node.fixed_in(6, 0, PPM)?;
-    if rate.is_zero() {
-        return node.fail("must be above 0 (0 would trip on the first call)");
-    }
-    Ok(ppm_u32(rate.rounded()).max(1))
-}
-
-/// A rate in `[0, 1]` in parts per million: exact decimal arithmetic, more
-/// than six decimals rounded to nearest (half up), exponents accepted
-/// (`5e-2` is 50_000).
-pub(crate) fn rate_ppm(node: &Node) -> Result<u32> {
-    Ok(ppm_u32(node.fixed_in(6, 0, PPM)?.rounded()))
-}
-
-fn ppm_u32(ppm: u64) -> u32 {
-    // At most PPM by the callers' range checks.
-    u32::try_from(ppm).unwrap_or(u32::MAX)
 }
 
 /// The shared-data key of one cluster's breaker. The digest ties the state to
@@ -488,11 +397,6 @@ impl fmt::Display for Reason {
             }
         }
     }
-}
-
-/// `500_000` → `0.5`.
-pub(crate) fn ppm_text(ppm: u32) -> String {
-    decimal(u64::from(ppm), 6)
 }
 
 /// `5300` → `5.3s`, `5000` → `5s`.
@@ -1143,78 +1047,6 @@ impl State {
         self.succeeded = 0;
         self.until_ms = 0;
         self.clear_window(now_ms / config.bucket_ms());
-    }
-}
-
-/// Little-endian fields off the front of a byte string; `None` when short.
-pub(crate) struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Reader { rest: bytes }
-    }
-
-    pub(crate) fn u8(&mut self) -> Option<u8> {
-        let (&first, rest) = self.rest.split_first()?;
-        self.rest = rest;
-        Some(first)
-    }
-
-    pub(crate) fn u16(&mut self) -> Option<u16> {
-        let (head, rest) = self.rest.split_first_chunk::<2>()?;
-        self.rest = rest;
-        Some(u16::from_le_bytes(*head))
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        let (head, rest) = self.rest.split_first_chunk::<4>()?;
-        self.rest = rest;
-        Some(u32::from_le_bytes(*head))
-    }
-
-    pub(crate) fn u64(&mut self) -> Option<u64> {
-        let (head, rest) = self.rest.split_first_chunk::<8>()?;
-        self.rest = rest;
-        Some(u64::from_le_bytes(*head))
-    }
-
-    pub(crate) fn u128(&mut self) -> Option<u128> {
-        let (head, rest) = self.rest.split_first_chunk::<16>()?;
-        self.rest = rest;
-        Some(u128::from_le_bytes(*head))
-    }
-}
-
-/// FNV-1a over fields, finished with SplitMix64: a digest that is the same
-/// in every build, unlike std's hasher.
-pub(crate) struct Fingerprint(u64);
-
-impl Fingerprint {
-    pub(crate) fn new() -> Self {
-        Fingerprint(0xcbf2_9ce4_8422_2325)
-    }
-
-    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    /// A length-prefixed string, so that ("ab", "c") and ("a", "bc") differ.
-    pub(crate) fn text(&mut self, text: &str) {
-        self.u64(text.len() as u64);
-        self.bytes(text.as_bytes());
-    }
-
-    pub(crate) fn u64(&mut self, value: u64) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    pub(crate) fn finish(&self) -> u64 {
-        mix(self.0)
     }
 }
 

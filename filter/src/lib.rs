@@ -20,10 +20,11 @@
 //!   it decides nothing.
 
 pub mod breaker;
+mod codec;
 pub mod config;
+mod decimal;
 pub mod device;
 pub mod engine;
-pub mod json;
 pub mod pairs;
 pub mod retry;
 pub mod rollout;

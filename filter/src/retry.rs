@@ -95,8 +95,6 @@
 //! refunded. Hostile values (garbage, signs, more than 8 gRPC digits,
 //! overflow) are ignored, as if no deadline had been sent.
 
-use crate::breaker::rate_ppm;
-use crate::json::{quote, Node, Result};
 use crate::sticky::mix;
 
 /// Envoy's retry conditions for `x-envoy-retry-on`.
@@ -154,8 +152,19 @@ pub const RETRIABLE_STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes"
 pub const RETRIABLE_HEADER_NAMES_HEADER: &str = "x-envoy-retriable-header-names";
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
-/// The Envoy property holding the attempts the router made (8-byte LE uint).
-pub const ATTEMPT_COUNT_PROPERTY: &[&str] = &["upstream", "request_attempt_count"];
+/// The request headers the filter writes (see `request_headers`): the
+/// deadline cannot be read from any of them.
+pub(crate) const OWNED_HEADERS: [&str; 9] = [
+    MAX_RETRIES_HEADER,
+    RETRY_ON_HEADER,
+    RETRY_GRPC_ON_HEADER,
+    TIMEOUT_HEADER,
+    PER_TRY_TIMEOUT_HEADER,
+    HEDGE_HEADER,
+    EXPECTED_TIMEOUT_HEADER,
+    RETRIABLE_STATUS_CODES_HEADER,
+    RETRIABLE_HEADER_NAMES_HEADER,
+];
 
 /// A service's retry policy, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,147 +215,6 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Parses a service's `retry` block.
-pub fn parse(node: &Node) -> Result<RetryPolicy> {
-    let mut object = node.object()?;
-    let max_retries = match object.optional("max_retries") {
-        // In range by the check: 0..=10 fits a u32.
-        Some(node) => node.integer_in(0, MAX_MAX_RETRIES)? as u32,
-        None => DEFAULT_MAX_RETRIES,
-    };
-    let (retry_on, retry_grpc_on) = match object.optional("retry_on") {
-        Some(node) => match split_retry_on(node.string()?) {
-            Ok(lists) => lists,
-            Err(reason) => return node.fail(reason),
-        },
-        None => (DEFAULT_RETRY_ON.to_string(), String::new()),
-    };
-    let timeout_ms = match object.optional("timeout_ms") {
-        Some(node) => Some(node.integer_in(1, MAX_TIMEOUT_MS)?),
-        None => None,
-    };
-    let per_try_timeout_ms = match object.optional("per_try_timeout_ms") {
-        Some(node) => {
-            let per_try = node.integer_in(1, MAX_PER_TRY_TIMEOUT_MS)?;
-            if let Some(timeout) = timeout_ms.filter(|&timeout| per_try > timeout) {
-                return node.fail(format!(
-                    "must not exceed timeout_ms ({timeout}), got {per_try}"
-                ));
-            }
-            Some(per_try)
-        }
-        None => None,
-    };
-    let budget = match object.optional("budget") {
-        Some(node) => parse_budget(&node)?,
-        None => Budget::default(),
-    };
-    let deadline_header = match object.optional("deadline_header") {
-        Some(node) => Some(deadline_header_name(&node)?),
-        None => None,
-    };
-    object.finish()?;
-    Ok(RetryPolicy {
-        max_retries,
-        retry_on,
-        retry_grpc_on,
-        per_try_timeout_ms,
-        timeout_ms,
-        budget,
-        deadline_header,
-    })
-}
-
-fn parse_budget(node: &Node) -> Result<Budget> {
-    let mut object = node.object()?;
-    let ratio_ppm = match object.optional("ratio") {
-        // 0..=1 by the check, so 0..=1_000_000 after scaling.
-        Some(node) => rate_ppm(&node)?,
-        None => DEFAULT_RATIO_PPM,
-    };
-    let min_per_s = match object.optional("min_per_s") {
-        Some(node) => node.integer_in(0, MAX_MIN_PER_S)? as u32,
-        None => DEFAULT_MIN_PER_S,
-    };
-    let window_s = match object.optional("window_s") {
-        Some(node) => node.integer_in(1, MAX_WINDOW_S)? as u32,
-        None => DEFAULT_WINDOW_S,
-    };
-    object.finish()?;
-    Ok(Budget {
-        ratio_ppm,
-        min_per_s,
-        window_s,
-    })
-}
-
-/// Splits Envoy's comma-separated grammar into the HTTP and the gRPC lists.
-/// Envoy ignores an unknown condition silently; here it is refused, since a
-/// typo (`5xxx`) would otherwise disable retries without a word.
-fn split_retry_on(text: &str) -> std::result::Result<(String, String), String> {
-    let mut http: Vec<&str> = Vec::new();
-    let mut grpc: Vec<&str> = Vec::new();
-    for item in text.split(',') {
-        let item = item.trim_matches([' ', '\t']);
-        if item.is_empty() {
-            return Err(format!(
-                "has an empty condition in {} (a comma-separated list of Envoy retry conditions)",
-                quote(text)
-            ));
-        }
-        if http.contains(&item) || grpc.contains(&item) {
-            return Err(format!("lists {} twice", quote(item)));
-        }
-        if HTTP_POLICIES.contains(&item) {
-            http.push(item);
-        } else if GRPC_POLICIES.contains(&item) {
-            grpc.push(item);
-        } else {
-            return Err(format!(
-                "unknown retry condition {} (expected Envoy's: {}, or for gRPC: {})",
-                quote(item),
-                HTTP_POLICIES.join(", "),
-                GRPC_POLICIES.join(", ")
-            ));
-        }
-    }
-    Ok((http.join(","), grpc.join(",")))
-}
-
-fn is_token_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
-}
-
-fn deadline_header_name(node: &Node) -> Result<String> {
-    let name = node.non_empty_string()?;
-    if name.len() > 256 || !name.bytes().all(is_token_byte) {
-        return node.fail(format!("{} is not a valid header name", quote(name)));
-    }
-    let name = name.to_ascii_lowercase();
-    if name == GRPC_TIMEOUT_HEADER {
-        return node.fail("must not be \"grpc-timeout\", which is always read (in gRPC's format)");
-    }
-    if OWNED_HEADERS.contains(&name.as_str()) {
-        return node.fail(format!(
-            "must not be {}, which the filter overwrites",
-            quote(&name)
-        ));
-    }
-    Ok(name)
-}
-
-const OWNED_HEADERS: [&str; 9] = [
-    MAX_RETRIES_HEADER,
-    RETRY_ON_HEADER,
-    RETRY_GRPC_ON_HEADER,
-    TIMEOUT_HEADER,
-    PER_TRY_TIMEOUT_HEADER,
-    HEDGE_HEADER,
-    EXPECTED_TIMEOUT_HEADER,
-    RETRIABLE_STATUS_CODES_HEADER,
-    RETRIABLE_HEADER_NAMES_HEADER,
-];
-
 // ---------------------------------------------------------------- deadlines
 
 /// The client's deadline in milliseconds, from `grpc-timeout` and from the
@@ -367,7 +235,7 @@ pub fn client_deadline_ms(
 /// gRPC's `TimeoutValue TimeoutUnit`: 1 to 8 ASCII digits, then one of
 /// `H M S m u n`. Rounded down to whole milliseconds.
 pub fn parse_grpc_timeout(value: &[u8]) -> Option<u64> {
-    let (&unit, digits) = trim(value).split_last()?;
+    let (&unit, digits) = trim_ows(value).split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -388,7 +256,7 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<u64> {
 
 /// A plain decimal count of milliseconds; no sign, no exponent, no overflow.
 pub fn parse_millis(value: &[u8]) -> Option<u64> {
-    let digits = trim(value);
+    let digits = trim_ows(value);
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -397,7 +265,9 @@ pub fn parse_millis(value: &[u8]) -> Option<u64> {
     })
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
+/// Strips HTTP's optional whitespace (spaces and tabs, RFC 9110 `OWS`)
+/// around a header value.
+fn trim_ows(bytes: &[u8]) -> &[u8] {
     let start = bytes
         .iter()
         .position(|&b| b != b' ' && b != b'\t')
@@ -527,12 +397,6 @@ fn decimal(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
         }
     }
     digits.get(start..).unwrap_or_default()
-}
-
-/// The attempts from the `upstream.request_attempt_count` property bytes.
-pub fn attempts_from_property(bytes: Option<&[u8]>) -> Option<u64> {
-    let bytes: [u8; 8] = bytes?.try_into().ok()?;
-    Some(u64::from_le_bytes(bytes))
 }
 
 // ------------------------------------------------------------------ budget

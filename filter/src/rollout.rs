@@ -33,9 +33,9 @@
 //! unchanged keeps the rollout where it is, and any change starts a new one.
 //! Shared data is per process: each proxy judges its own canary traffic.
 
-use crate::breaker::{ppm_text, rate_ppm, Fingerprint, Reader, PPM};
-use crate::config::{format_weight, weight, FULL_WEIGHT};
-use crate::json::{ratio_decimal, Node, Result};
+use crate::codec::{Fingerprint, Reader};
+use crate::config::{format_weight, FULL_WEIGHT};
+use crate::decimal::{ppm_text, ratio_decimal, PPM};
 use std::fmt;
 
 /// Byte-encoding version; bytes of any other version are a fresh state.
@@ -47,8 +47,8 @@ pub const MAX_STEPS: usize = 100;
 /// A year: longer steps are a typo, and the bound keeps the schedule's
 /// arithmetic (100 steps from any start) far from overflow.
 pub const MAX_STEP_S: u64 = 365 * 24 * 3600;
-/// 1 January 3000.
-const MAX_START_S: u64 = 32_503_680_000;
+/// The latest `start_unix_s`: 1 January 3000.
+pub const MAX_START_S: u64 = 32_503_680_000;
 
 /// A parsed `rollout` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,58 +89,6 @@ impl RolloutConfig {
         // At most MAX_STEPS entries.
         self.steps_bp.len() as u16
     }
-}
-
-/// Parses a `rollout` block. `steps`, `step_s` and `max_failure_rate` are
-/// required: the failure budget is a policy choice nobody should inherit by
-/// default. `min_requests` defaults to 100; `start_unix_s` to when the block
-/// was first applied.
-///
-/// The caller (the service parser) refuses a service that has both `weight`
-/// and `rollout`, or a `rollout` without a canary.
-pub fn parse(node: &Node) -> Result<RolloutConfig> {
-    let mut object = node.object()?;
-    let steps_node = object.required("steps")?;
-    let step_nodes = steps_node.list()?;
-    if step_nodes.is_empty() || step_nodes.len() > MAX_STEPS {
-        return steps_node.fail(format!(
-            "must list 1 to {MAX_STEPS} steps, got {}",
-            step_nodes.len()
-        ));
-    }
-    let mut steps_bp: Vec<u16> = Vec::with_capacity(step_nodes.len());
-    for step_node in &step_nodes {
-        let step = weight(step_node)?;
-        if let Some(&previous) = steps_bp.last() {
-            if step < previous {
-                return step_node.fail(format!(
-                    "must not be below the previous step ({}), got {}",
-                    format_weight(previous),
-                    step_node.shown()
-                ));
-            }
-        }
-        steps_bp.push(step);
-    }
-    let step_ms = object.required("step_s")?.integer_in(1, MAX_STEP_S)? * 1000;
-    let max_failure_ppm = rate_ppm(&object.required("max_failure_rate")?)?;
-    let min_requests = match object.optional("min_requests") {
-        // 1..=1_000_000_000 fits a u32.
-        Some(node) => node.integer_in(1, 1_000_000_000)? as u32,
-        None => DEFAULT_MIN_REQUESTS,
-    };
-    let start_ms = match object.optional("start_unix_s") {
-        Some(node) => Some(node.integer_in(0, MAX_START_S)? * 1000),
-        None => None,
-    };
-    object.finish()?;
-    Ok(RolloutConfig {
-        steps_bp,
-        step_ms,
-        max_failure_ppm,
-        min_requests,
-        start_ms,
-    })
 }
 
 /// The shared-data key of a service's rollout. It covers the block and both

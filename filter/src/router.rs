@@ -6,6 +6,7 @@
 //! services, so the cost does not grow with the size of the config. Rules are
 //! evaluated in order; the first that matches decides.
 
+use crate::codec::{FNV_OFFSET, FNV_PRIME};
 use crate::config::{
     Config, HostPattern, Rule, RuleAction, RuleMatch, Service, Side, StickyKey, ValueTest,
 };
@@ -27,13 +28,9 @@ impl Hasher for HostHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
+        let mut hash = if self.0 == 0 { FNV_OFFSET } else { self.0 };
         for &byte in bytes {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+            hash = (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
         }
         self.0 = hash;
     }
@@ -285,13 +282,13 @@ fn value_matches(test: &ValueTest, value: Option<&[u8]>) -> bool {
 /// if repeated. Values may be quoted (RFC 6265); the quotes are removed.
 pub fn cookie_value<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     header.split(|&byte| byte == b';').find_map(|pair| {
-        let pair = trim(pair);
+        let pair = pair.trim_ascii();
         let equals = pair.iter().position(|&byte| byte == b'=')?;
         let (key, value) = (pair.get(..equals)?, pair.get(equals + 1..)?);
-        if trim(key) != name {
+        if key.trim_ascii() != name {
             return None;
         }
-        let value = trim(value);
+        let value = value.trim_ascii();
         Some(
             value
                 .strip_prefix(b"\"")
@@ -299,18 +296,6 @@ pub fn cookie_value<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
                 .unwrap_or(value),
         )
     })
-}
-
-fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |last| last + 1);
-    bytes.get(start..end).unwrap_or_default()
 }
 
 /// Lower-cases the host of an authority into `buffer`, without port or

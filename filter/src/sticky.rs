@@ -10,11 +10,10 @@
 //! over salt, a separator and the key, then the SplitMix64 finaliser to spread
 //! FNV's weak low bits) rather than taken from `std`, whose hasher may change.
 
+use crate::codec::{FNV_OFFSET, FNV_PRIME};
+
 /// Number of buckets; one bucket is one basis point of traffic.
 pub const BUCKETS: u64 = 10_000;
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The bucket of `key` for the service salted by `salt`.
 pub fn bucket(salt: &[u8], key: &[u8]) -> u16 {

@@ -12,27 +12,30 @@ use sluice::breaker::{
     Admission, BreakerConfig, BreakerState, Check, Outcome, ProbeToken, Reason, Transition,
     PROBES_BUSY_RETRY_MS, PROBE_LEASE_MS,
 };
-use sluice::json::Node;
+use sluice::config::Config;
 use sluice::shared::{ensure, update, CasMismatch, MemoryStore, SharedStore};
 use sluice::sticky::Rng;
 use std::cell::RefCell;
 
 const T0: u64 = 1_795_000_000_000;
 
+/// A `breaker` block, read as part of a config (its path is
+/// `services[0].breaker`).
+fn parse(json: &str) -> Result<BreakerConfig, String> {
+    let document =
+        format!(r#"{{"services": [{{"name": "shop", "stable": "shop_v1", "breaker": {json}}}]}}"#);
+    let mut config = Config::parse(document.as_bytes()).map_err(|err| err.to_string())?;
+    Ok(config.services.remove(0).breaker.unwrap())
+}
+
 fn config(json: &str) -> BreakerConfig {
-    let value = sluice::json::parse(json.as_bytes()).unwrap();
-    breaker::parse(&Node::root(&value)).unwrap()
+    parse(json).unwrap()
 }
 
 fn refused(json: &str) -> String {
-    let value = sluice::json::parse(json.as_bytes()).unwrap();
-    let node = Node {
-        path: "services[0].breaker".into(),
-        value: &value,
-    };
-    match breaker::parse(&node) {
+    match parse(json) {
         Ok(config) => panic!("accepted: {config:?}"),
-        Err(err) => err.to_string(),
+        Err(err) => err,
     }
 }
 

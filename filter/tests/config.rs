@@ -105,7 +105,7 @@ fn weights_keep_a_hundredth_of_a_percent() {
             .map(|config| config.services[0].weight_bp)
             .map_err(|err| err.to_string())
     };
-    // Read as exact decimals: at the resolution, and with exponents.
+    // Read as decimals: at the resolution, and with exponents.
     assert_eq!(weight("99.99"), Ok(9999));
     assert_eq!(weight("100"), Ok(10_000));
     assert_eq!(weight("100.00"), Ok(10_000));
@@ -114,28 +114,49 @@ fn weights_keep_a_hundredth_of_a_percent() {
     assert_eq!(weight("1.25e1"), Ok(1250));
     assert_eq!(weight("1E2"), Ok(10_000));
     assert_eq!(weight("5000e-2"), Ok(5000));
+    assert_eq!(weight("0.29"), Ok(29));
+    assert_eq!(weight("12.5"), Ok(1250));
     // Float noise from a generator is rounded away, as it always was.
     assert_eq!(weight("30.000000000000004"), Ok(3000));
     assert_eq!(weight("12.339999999999998"), Ok(1234));
     assert_eq!(weight("0.07000000000000001"), Ok(7));
     assert_eq!(weight("99.99999999999999"), Ok(10_000));
-    // More than that is a resolution the weights do not have.
-    for finer in ["0.001", "12.3401", "12.34000002", "33.333333333", "1e-3"] {
+    // More than that is a resolution the weights do not have. The value is
+    // shown as the number it is (`1e-3` is 0.001).
+    for (finer, shown) in [
+        ("0.001", "0.001"),
+        ("12.3401", "12.3401"),
+        ("12.34000002", "12.34000002"),
+        ("33.333333333", "33.333333333"),
+        ("1e-3", "0.001"),
+    ] {
         assert_eq!(
             weight(finer),
             Err(format!(
-                "services[0].weight: resolution is 0.01 percent, got {finer}"
+                "services[0].weight: resolution is 0.01 percent, got {shown}"
             ))
         );
     }
-    for outside in ["100.01", "100.0000000000001", "-0.01", "1e3", "1e400"] {
+    for (outside, shown) in [
+        ("100.01", "100.01"),
+        ("100.0000000000001", "100.0000000000001"),
+        ("-0.01", "-0.01"),
+        ("1e3", "1000"),
+        ("1e300", "1e300"),
+        ("-1e-300", "-1e-300"),
+    ] {
         assert_eq!(
             weight(outside),
             Err(format!(
-                "services[0].weight: must be between 0 and 100, got {outside}"
+                "services[0].weight: must be between 0 and 100, got {shown}"
             ))
         );
     }
+    // Valid JSON, but past what a double holds.
+    assert_eq!(
+        weight("1e400"),
+        Err("services[0].weight: number out of range (beyond what a double holds)".into())
+    );
 }
 
 #[test]
@@ -166,16 +187,45 @@ fn a_key_given_twice_is_refused_with_its_path() {
 fn syntax_errors_name_the_line_and_column() {
     assert_eq!(
         refused("{\n  \"services\": [\n    {\"name\": \"a\", \"stable\": \"v1\",}\n  ]\n}"),
-        "invalid JSON at line 3 column 34: expected a string key, found '}'"
+        "invalid JSON at line 3 column 34: trailing comma"
     );
     assert_eq!(
         refused(r#"{"services": []} trailing"#),
-        "invalid JSON at line 1 column 18: unexpected \"trailing\" after the document"
+        "invalid JSON at line 1 column 18: trailing characters"
     );
-    let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
     assert_eq!(
-        refused(&format!(r#"{{"services": {deep}}}"#)),
-        "invalid JSON at line 1 column 77: nested deeper than 64 lists and objects"
+        refused("{\"services\": [{\"name\": \"a\", \"stable\": tru}]}"),
+        "invalid JSON at line 1 column 42: expected true, false or null"
+    );
+    assert_eq!(
+        refused(r#"{"services": [{"name": "a", "stable": "v1"}"#),
+        "invalid JSON at line 1 column 43: EOF while parsing a list"
+    );
+    assert_eq!(
+        refused("{\"services\": [{\"name\": \"a\", \"stable\": \"v\u{1}\"}]}"),
+        "invalid JSON at line 1 column 41: control character (\\u0000-\\u001F) found while parsing a string"
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_at_the_first_wrong_level() {
+    // Nesting only goes as deep as the config's own shape: a list where a
+    // service belongs is refused there, however deep it goes on (no
+    // recursion, no stack to overflow).
+    for depth in [100, 1_000_000] {
+        let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(
+            refused(&format!(r#"{{"services": {deep}}}"#)),
+            "services[0]: must be an object, got a list"
+        );
+    }
+    assert_eq!(
+        refused(&"[".repeat(1_000_000)),
+        "must be an object, got a list"
+    );
+    assert_eq!(
+        refused(&format!(r#"{{"x": {}}}"#, "{\"a\": ".repeat(200_000))),
+        "x: unknown key (expected one of: steering_header, services)"
     );
 }
 
@@ -199,7 +249,7 @@ fn authorities_are_lower_cased_and_may_be_lists_and_wildcards() {
 #[test]
 fn each_refusal_names_the_path_and_the_reason() {
     let cases: &[(&str, &str)] = &[
-        ("not json", "invalid JSON at line 1 column 1: expected a value, found \"not\""),
+        ("not json", "invalid JSON at line 1 column 2: expected true, false or null"),
         ("[]", "must be an object, got a list"),
         ("{}", "services: is required"),
         (r#"{"services": []}"#, "services: must list at least one service"),
@@ -318,4 +368,147 @@ fn nested_blocks_report_their_own_paths() {
     .starts_with("services[0].breaker.max_open_ms: "));
     assert!(refused(&with_service(r#", "breaker": {"typo": 1}"#))
         .starts_with("services[0].breaker.typo: unknown key"));
+}
+
+#[test]
+fn whole_numbers_may_be_written_as_doubles() {
+    // Config that went through a protobuf `Struct` (Istio) has only doubles:
+    // `10.0` and `1e1` are the whole number 10.
+    let config = Config::parse(
+        with_service(
+            r#", "retry": {"max_retries": 2.0, "timeout_ms": 5e3, "budget": {"min_per_s": 10.0, "window_s": 1E1}},
+                "breaker": {"window_s": 10.0, "open_ms": 5000.0, "half_open_requests": 3.0},
+                "rules": [{"header": "x", "present": true, "weight": 50.0}]"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let service = &config.services[0];
+    let retry = service.retry.as_ref().unwrap();
+    assert_eq!((retry.max_retries, retry.timeout_ms), (2, Some(5000)));
+    assert_eq!((retry.budget.min_per_s, retry.budget.window_s), (10, 10));
+    let breaker = service.breaker.as_ref().unwrap();
+    assert_eq!(
+        (
+            breaker.window_ms,
+            breaker.open_ms,
+            breaker.half_open_requests
+        ),
+        (10_000, 5000, 3)
+    );
+    assert_eq!(service.rules[0].action, RuleAction::Weight(5000));
+    // A fraction or a sign is not a whole number.
+    for (value, shown) in [
+        ("10.5", "10.5"),
+        ("-1", "-1"),
+        ("-1.0", "-1"),
+        ("1e-7", "1e-7"),
+    ] {
+        assert_eq!(
+            refused(&with_service(&format!(
+                r#", "retry": {{"max_retries": {value}}}"#
+            ))),
+            format!(
+                "services[0].retry.max_retries: must be a whole number between 0 and 10, got {shown}"
+            )
+        );
+    }
+    assert_eq!(
+        refused(&with_service(r#", "retry": {"max_retries": 1e3}"#)),
+        "services[0].retry.max_retries: must be between 0 and 10, got 1000"
+    );
+    assert_eq!(
+        refused(&with_service(
+            r#", "retry": {"max_retries": 18446744073709551616}"#
+        )),
+        "services[0].retry.max_retries: must be between 0 and 10, got 18446744073709552000"
+    );
+}
+
+#[test]
+fn null_is_a_wrong_type_not_an_absent_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#", "weight": null"#,
+            "services[0].weight: must be a number, got null",
+        ),
+        (
+            r#", "sticky": null"#,
+            "services[0].sticky: must be an object, got null",
+        ),
+        (
+            r#", "rules": null"#,
+            "services[0].rules: must be a list, got null",
+        ),
+        (
+            r#", "match": {"authority": ["a.local", null]}"#,
+            "services[0].match.authority[1]: must be a string, got null",
+        ),
+        (
+            r#", "rules": [{"header": "x", "present": null, "to": "canary"}]"#,
+            "services[0].rules[0].present: must be true or false, got null",
+        ),
+        (
+            r#", "retry": {"max_retries": null}"#,
+            "services[0].retry.max_retries: must be a whole number, got null",
+        ),
+    ];
+    for (fields, expected) in cases {
+        assert_eq!(&refused(&with_service(fields)), expected, "for {fields}");
+    }
+    assert_eq!(
+        refused(r#"{"steering_header": null, "services": [{"name": "a", "stable": "v1"}]}"#),
+        "steering_header: must be a string, got null"
+    );
+}
+
+#[test]
+fn a_device_rule_takes_no_value_test() {
+    assert_eq!(
+        refused(&with_service(
+            r#", "rules": [{"device": "bot", "prefix": "x", "to": "stable"}]"#
+        )),
+        "services[0].rules[0].prefix: a \"device\" rule takes no test (the device class is the test)"
+    );
+}
+
+#[test]
+fn state_keys_do_not_depend_on_the_parser() {
+    // Shared-data keys are fingerprints of the parsed blocks: a new parser
+    // that read the same config differently would reset every breaker,
+    // budget and rollout of a fleet on upgrade. Pinned from the previous one.
+    let config = Config::parse(
+        with_service(
+            r#", "retry": {"budget": {"ratio": 0.25, "min_per_s": 3, "window_s": 20}},
+                "breaker": {"window_s": 10, "min_requests": 20, "failure_rate": 0.5, "consecutive_failures": 5,
+                            "slow_ms": 1000, "slow_rate": 0.8, "open_ms": 5000, "max_open_ms": 60000, "half_open_requests": 3},
+                "rollout": {"steps": [5, 25, 50, 100], "step_s": 300, "max_failure_rate": 0.02, "min_requests": 100,
+                            "start_unix_s": 1795000000}"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let service = &config.services[0];
+    assert_eq!(
+        sluice::breaker::state_key("shop", "shop_v1", service.breaker.as_ref().unwrap()),
+        "sluice/breaker/v2/shop/shop_v1/4db12eb074c22a53"
+    );
+    assert_eq!(
+        sluice::breaker::state_key("shop", "shop_v1", &Default::default()),
+        "sluice/breaker/v2/shop/shop_v1/ec230622d66766e2"
+    );
+    assert_eq!(
+        sluice::rollout::state_key(
+            "shop",
+            "shop_v1",
+            "shop_v2",
+            service.rollout.as_ref().unwrap()
+        ),
+        "sluice/rollout/shop/441b5750345768e2"
+    );
+    assert_eq!(
+        sluice::retry::budget_key("shop", service.retry.as_ref().unwrap()),
+        "sluice.retry_budget.shop.502dae41db0ffd89"
+    );
+    assert_eq!(sluice::sticky::bucket(b"shop", b"alice"), 6746);
 }

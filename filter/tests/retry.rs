@@ -8,11 +8,10 @@
     clippy::indexing_slicing
 )]
 
-use sluice::json::Node;
+use sluice::config::Config;
 use sluice::retry::{
-    self, attempts_from_property, budget_key, client_deadline_ms, dry_warning_due, fresh_state,
-    level, plan, request_headers, reserve, settle, BudgetState, Plan, Reservation, RetryPolicy,
-    TOKEN,
+    budget_key, client_deadline_ms, dry_warning_due, fresh_state, level, plan, request_headers,
+    reserve, settle, BudgetState, Plan, Reservation, RetryPolicy, TOKEN,
 };
 use sluice::shared::{ensure, MemoryStore, SharedStore, MAX_CAS_ATTEMPTS};
 use sluice::sticky::Rng;
@@ -20,13 +19,13 @@ use std::collections::{BTreeMap, VecDeque};
 
 const T0: u64 = 1_700_000_000_000;
 
+/// A `retry` block, read as part of a config (its path is
+/// `services[0].retry`).
 fn parse(json: &str) -> Result<RetryPolicy, String> {
-    let value = sluice::json::parse(json.as_bytes()).unwrap();
-    retry::parse(&Node {
-        path: "services[0].retry".into(),
-        value: &value,
-    })
-    .map_err(|err| err.to_string())
+    let document =
+        format!(r#"{{"services": [{{"name": "shop", "stable": "shop_v1", "retry": {json}}}]}}"#);
+    let mut config = Config::parse(document.as_bytes()).map_err(|err| err.to_string())?;
+    Ok(config.services.remove(0).retry.unwrap())
 }
 
 fn policy(json: &str) -> RetryPolicy {
@@ -444,13 +443,6 @@ fn the_client_never_reaches_the_router_with_its_own_retry_headers() {
     ] {
         assert_eq!(header(&headers, removed), None, "{removed}");
     }
-}
-
-#[test]
-fn the_attempt_count_property_is_eight_little_endian_bytes() {
-    assert_eq!(attempts_from_property(Some(&3u64.to_le_bytes())), Some(3));
-    assert_eq!(attempts_from_property(Some(&[3, 0, 0, 0])), None);
-    assert_eq!(attempts_from_property(None), None);
 }
 
 // ---------------------------------------------------------- budget basics

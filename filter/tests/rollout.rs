@@ -7,7 +7,7 @@
     clippy::indexing_slicing
 )]
 
-use sluice::json::Node;
+use sluice::config::Config;
 use sluice::rollout::{
     self, advance, due, initial, record, view, RolloutConfig, RolloutEvent, RolloutState,
     RolloutView,
@@ -21,20 +21,24 @@ const STEP: u64 = 300_000;
 
 const EXAMPLE: &str = r#"{"steps": [5, 25, 50, 100], "step_s": 300, "max_failure_rate": 0.02, "min_requests": 100, "start_unix_s": 1795000000}"#;
 
+/// A `rollout` block, read as part of a config (its path is
+/// `services[0].rollout`).
+fn parse(json: &str) -> Result<RolloutConfig, String> {
+    let document = format!(
+        r#"{{"services": [{{"name": "shop", "stable": "shop_v1", "canary": "shop_v2", "rollout": {json}}}]}}"#
+    );
+    let mut config = Config::parse(document.as_bytes()).map_err(|err| err.to_string())?;
+    Ok(config.services.remove(0).rollout.unwrap())
+}
+
 fn config(json: &str) -> RolloutConfig {
-    let value = sluice::json::parse(json.as_bytes()).unwrap();
-    rollout::parse(&Node::root(&value)).unwrap()
+    parse(json).unwrap()
 }
 
 fn refused(json: &str) -> String {
-    let value = sluice::json::parse(json.as_bytes()).unwrap();
-    let node = Node {
-        path: "services[0].rollout".into(),
-        value: &value,
-    };
-    match rollout::parse(&node) {
+    match parse(json) {
         Ok(config) => panic!("accepted: {config:?}"),
-        Err(err) => err.to_string(),
+        Err(err) => err,
     }
 }
 
