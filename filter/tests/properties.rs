@@ -324,7 +324,8 @@ fn request() -> impl Strategy<Value = Event> {
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         6 => request(),
-        3 => (any::<u16>(), 0..12u64, any::<bool>()).prop_map(|(pick, attempts, reported)| Event::Response { pick, attempts, reported }),
+        3 => (any::<u16>(), 0..12u64, any::<bool>(), prop_oneof![Just(200u64), Just(503), Just(500), Just(404)])
+            .prop_map(|(pick, attempts, reported, status)| Event::Response { pick, attempts, reported, status }),
         4 => (any::<u16>(), prop_oneof![Just(200u64), Just(503), Just(500), Just(0), Just(404)], prop_oneof![Just(0u64), Just(0x20)], 0..12u64, any::<bool>())
             .prop_map(|(pick, status, flags, attempts, reported)| Event::End { pick, status, flags, attempts, reported }),
         1 => any::<u16>().prop_map(|pick| Event::Abandon { pick }),
