@@ -283,7 +283,6 @@ impl Knobs {
     }
 }
 
-
 // ------------------------------------------------------------------ events
 
 /// What happens next.
@@ -385,11 +384,10 @@ pub struct Stats {
     pub lost_updates: u64,
 }
 
-
 // ---------------------------------------------------------------- headers
 
-/// Request headers as Envoy's header map gives them: the first value of a
-/// (lower-case) name.
+/// The request headers a client sent, read as Envoy's header map gives
+/// them: the first value of a (lower-case) name.
 #[derive(Debug, Clone, Default)]
 pub struct Headers(pub Vec<(String, Vec<u8>)>);
 
@@ -577,7 +575,6 @@ impl BudgetOracle {
     }
 }
 
-
 // ------------------------------------------------------------ state oracles
 
 /// Key prefixes of the shared states (see each module's `state_key`).
@@ -687,18 +684,15 @@ impl BreakerOracle {
                     // Early only when the stored time is no further ahead
                     // than any open time: one further ahead is a clock
                     // stepped back, read as already passed.
-                    if now < until && until <= now.saturating_add(config.max_open_ms) {
-                        return Err(format!(
-                            "breaker {key} went half-open at {now}, before its open time ended at {until}"
-                        ));
-                    }
+                    let early = now < until && until <= now.saturating_add(config.max_open_ms);
+                    ensure(!early, || {
+                        format!("breaker {key} went half-open at {now}, before its open time ended at {until}")
+                    })?;
                 }
                 (BreakerState::Closed, BreakerState::Open) => {
-                    if !self.evidence.contains(key) {
-                        return Err(format!(
-                            "breaker {key} tripped (closed -> open) at {now}, but no outcome delivered to its cluster since it last closed was a failure (5xx, failure flag, retried) or could be slow"
-                        ));
-                    }
+                    ensure(self.evidence.contains(key), || {
+                        format!("breaker {key} tripped (closed -> open) at {now}, but no outcome delivered to its cluster since it last closed was a failure (5xx, failure flag, retried) or could be slow")
+                    })?;
                 }
                 (BreakerState::HalfOpen, BreakerState::Closed) => {
                     // Closing starts a fresh window.
@@ -716,10 +710,9 @@ impl BreakerOracle {
             let made = changes.get(key).map(Vec::as_slice).unwrap_or_default();
             let told = reports.get(key).map(Vec::as_slice).unwrap_or_default();
             let agree = made.len() == told.len()
-                && made
-                    .iter()
-                    .zip(told)
-                    .all(|(&(from, to), transition)| transition.from == from && transition.to == to);
+                && made.iter().zip(told).all(|(&(from, to), transition)| {
+                    transition.from == from && transition.to == to
+                });
             if !agree {
                 return Err(format!(
                     "breaker {key}: the stored state changed {made:?} but the engine reported {told:?}"
@@ -823,7 +816,6 @@ fn sticky_key<'h>(service: &Service, headers: &'h Headers) -> Option<&'h [u8]> {
     }?;
     (!key.is_empty()).then_some(key)
 }
-
 
 // -------------------------------------------------------------------- sim
 
@@ -1112,7 +1104,13 @@ impl Sim {
                     key,
                     budget,
                     reservation,
-                } => reserved.push((key, budget, reservation)),
+                } => {
+                    let known = matches!(self.keys.get(&key), Some(StateKey::Budget(stored)) if *stored == budget);
+                    ensure(known, || {
+                        format!("a reservation in {key} with {budget:?}, which no config defines")
+                    })?;
+                    reserved.push((key, budget, reservation));
+                }
                 testing::Event::BreakerChanged { key, transition } => {
                     transitions.push((key, transition));
                 }
@@ -1131,9 +1129,10 @@ impl Sim {
         for key in &self.rolled_back {
             if let Some(StateKey::Rollout(config)) = self.keys.get(key) {
                 let view = rollout::view(self.store.bytes(key).as_deref(), config, now);
-                ensure(matches!(view.state, RolloutState::RolledBack { .. }), || {
-                    format!("rollout {key} rolled back, but the view is {view:?}")
-                })?;
+                ensure(
+                    matches!(view.state, RolloutState::RolledBack { .. }),
+                    || format!("rollout {key} rolled back, but the view is {view:?}"),
+                )?;
             }
         }
         Ok((result, reserved))
@@ -1160,7 +1159,10 @@ impl Sim {
         };
         let accepted = self.call_quietly(worker, |vm| vm.configure(chosen.json.as_bytes()))?;
         ensure(accepted, || {
-            format!("worker {worker} refused variant {variant}:\n{}", chosen.json)
+            format!(
+                "worker {worker} refused variant {variant}:\n{}",
+                chosen.json
+            )
         })?;
         if let Some(slot) = self.applied.get_mut(worker) {
             *slot = variant;
@@ -1295,7 +1297,10 @@ impl Sim {
 
         if let Some(reply) = reply {
             ensure(service.breaker.is_some(), || {
-                format!("service {} has no breaker, yet refused a request", service.name)
+                format!(
+                    "service {} has no breaker, yet refused a request",
+                    service.name
+                )
             })?;
             let marked = reply
                 .headers
@@ -1392,7 +1397,10 @@ impl Sim {
             }
             None => {
                 ensure(reserved.is_empty(), || {
-                    format!("service {} has no retry policy, yet reserved {reserved:?}", service.name)
+                    format!(
+                        "service {} has no retry policy, yet reserved {reserved:?}",
+                        service.name
+                    )
                 })?;
                 None
             }
@@ -1571,8 +1579,8 @@ impl Sim {
                 .executed(charge, answer.attempts.saturating_sub(1));
         }
         if let Some((key, slow_ms)) = &flight.breaker {
-            let failed = (500..600).contains(&answer.status)
-                || flags & breaker::UPSTREAM_FAILURE_FLAGS != 0;
+            let failed =
+                (500..600).contains(&answer.status) || flags & breaker::UPSTREAM_FAILURE_FLAGS != 0;
             let retried = answer.reported && answer.attempts > 1;
             // Durations run from the start to the response or the end;
             // with the clock stepped back, either way counts.
