@@ -9,12 +9,14 @@
 #   FUZZ_JOBS=2 scripts/fuzz.sh 3600   # libFuzzer -fork=2 (one process per core)
 #
 # Targets: config (the config parser), lifecycle (the request lifecycle through
-# the policy core); their invariants are listed in fuzz/src/. Inputs that add
-# coverage accumulate in fuzz/corpus/<target> (git-ignored; start from the
-# committed seeds in fuzz/seeds/<target>), crashes in fuzz/artifacts/<target>.
-# The code under test is safe Rust (no `unsafe` in filter/src), so the targets
-# run without a sanitizer (FUZZ_SANITIZER=address to change that): a panic or
-# an arithmetic overflow (the fuzz build has overflow checks) is the crash.
+# the engine, several workers over one store); their invariants are listed in
+# fuzz/src/. Inputs that add coverage accumulate in fuzz/corpus/<target>
+# (git-ignored; start from the committed seeds in fuzz/seeds/<target>), crashes
+# in fuzz/artifacts/<target>. The code under test is safe Rust (the only
+# `unsafe` in filter/src is the wasm32-only shell, which the native targets do
+# not build), so they run without a sanitizer (FUZZ_SANITIZER=address to change
+# that): a panic or an arithmetic overflow (the fuzz build has overflow checks)
+# is the crash.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,9 +1,10 @@
 //! Property tests: the split's monotonicity, stickiness, the retry budget's
 //! bound and the breaker's legal transitions, over generated inputs.
 //!
-//! The budget and breaker properties drive the request lifecycle simulator
-//! that the `lifecycle` fuzz target uses (`fuzz/src/lifecycle.rs`, included
-//! here), so both check the same invariants: proptest explores the inputs
+//! The budget and breaker properties drive the engine through the request
+//! lifecycle simulator that the `lifecycle` fuzz target uses
+//! (`fuzz/src/lifecycle.rs`, included here: one `sluice::testing::Vm` per
+//! worker over one store), so both check the same invariants: proptest explores the inputs
 //! quickly on every `cargo test`, the fuzzer for as long as it is given
 //! (README, "Fuzzing").
 #![allow(
@@ -324,7 +325,8 @@ fn request() -> impl Strategy<Value = Event> {
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         6 => request(),
-        3 => (any::<u16>(), 0..12u64, any::<bool>()).prop_map(|(pick, attempts, reported)| Event::Response { pick, attempts, reported }),
+        3 => (any::<u16>(), 0..12u64, any::<bool>(), prop_oneof![Just(200u64), Just(503), Just(500), Just(404)])
+            .prop_map(|(pick, attempts, reported, status)| Event::Response { pick, attempts, reported, status }),
         4 => (any::<u16>(), prop_oneof![Just(200u64), Just(503), Just(500), Just(0), Just(404)], prop_oneof![Just(0u64), Just(0x20)], 0..12u64, any::<bool>())
             .prop_map(|(pick, status, flags, attempts, reported)| Event::End { pick, status, flags, attempts, reported }),
         1 => any::<u16>().prop_map(|pick| Event::Abandon { pick }),
@@ -374,8 +376,9 @@ proptest! {
 
     /// Breakers only go closed→open, open→half-open (once the open time has
     /// passed), half-open→closed and half-open→open; each change is reported
-    /// to exactly the writer that made it. (Routing, stickiness and rollout
-    /// invariants are checked along the way.)
+    /// to exactly the writer that made it; a breaker trips only after an
+    /// outcome that could count against its cluster. (Routing, stickiness
+    /// and rollout invariants are checked along the way.)
     #[test]
     fn breakers_make_only_legal_transitions(scenario in scenario(breaker_knobs())) {
         let result = Sim::run(&scenario);
@@ -383,8 +386,9 @@ proptest! {
     }
 }
 
-/// The simulator is not vacuous: a failing canary trips its breaker, which
-/// then probes and closes, and fails its rollout.
+/// The simulator is not vacuous: through the engine, a failing canary trips
+/// its breaker, which then probes and closes, and fails its rollout; the
+/// budget grants and denies, and the open stable breaker refuses requests.
 #[test]
 fn the_simulator_reaches_trips_closes_and_rollbacks() {
     let knobs = Knobs {

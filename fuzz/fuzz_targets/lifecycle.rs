@@ -1,6 +1,7 @@
-//! The request lifecycle through the policy core: arbitrary header bytes,
-//! status codes, attempt counts, clock steps, config reloads and lost CAS
-//! races over several workers sharing one store. Panics (= a crash for
+//! The request lifecycle through the engine that ships, one worker per
+//! simulated VM over one shared store: arbitrary header bytes, status codes,
+//! response flags, attempt counts, clock steps, ticks, config reloads with
+//! requests in flight and lost CAS races. Panics (= a crash for
 //! libFuzzer) on the first broken invariant; see `src/lifecycle.rs`.
 #![no_main]
 

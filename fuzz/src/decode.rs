@@ -122,6 +122,8 @@ fn event(u: &mut Unstructured<'_>) -> Result<Event> {
             pick: u.arbitrary()?,
             attempts: attempts(u)?,
             reported: u.ratio(7u8, 8u8)?,
+            // Drawn last, so that older inputs keep their other fields.
+            status: *u.choose(&[200u64, 200, 204, 404, 500, 502, 503, 504, 600, 1 << 40])?,
         },
         7..=9 => Event::End {
             pick: u.arbitrary()?,

@@ -1,8 +1,9 @@
 //! Support code of Sluice's fuzz targets (see `fuzz_targets/` and the
 //! README's "Fuzzing" section).
 //!
-//! - `lifecycle`: the request lifecycle through the policy core, with its
-//!   invariants; shared with `filter/tests/properties.rs`.
+//! - `lifecycle`: the request lifecycle through the engine (one
+//!   `sluice::testing::Vm` per worker over one store), with its invariants;
+//!   shared with `filter/tests/properties.rs`.
 //! - `decode`: fuzz bytes to a lifecycle scenario.
 //! - `config_check`: the config parser's contract, and a structure-aware
 //!   mutator of valid configs.

@@ -1,48 +1,74 @@
-//! The request lifecycle through Sluice's policy core, with the invariants
-//! checked after every event.
+//! The request lifecycle through Sluice's engine, the code that ships, with
+//! invariants checked from the outside after every callback.
 //!
-//! `Sim` does per request what `filter/src/filter.rs` does, minus the host:
-//! `Router::find_service` and `Router::decide` over arbitrary header bytes,
-//! `breaker::check`/`admit`/`record`/`release`, `retry::plan`/`reserve`/
-//! `settle` and `rollout::view`/`record`/`advance`, every shared-state change
-//! through `shared::update` on one `MemoryStore` that several simulated
-//! workers (VMs) share, with the clock passed in. Config reloads swap a
-//! worker's configuration while requests started under the old one are still
-//! in flight (as Envoy's streams keep theirs).
+//! `Sim` runs one `sluice::testing::Vm` (an `engine::Worker` over a
+//! `FakeHost`) per simulated worker, all over one `FaultyStore` and one
+//! clock, and drives every request through the callbacks Envoy makes:
+//! `on_request_headers`, `on_response_headers` when a response comes, then
+//! `on_log` and `on_delete`, or `on_delete` alone (the request is
+//! abandoned: its VM is going away). `Tick` is the worker's `on_tick`,
+//! `Reload` its `on_configure` with requests still in flight (they finish
+//! under the config they started with, as Envoy's streams do), `Contend`
+//! makes the next shared-data writes lose their CAS race, and the shared
+//! clock is stepped forward, back and to exact earlier readings. Nothing
+//! here decides what the engine decides: the oracles read the host's state
+//! (the request headers the engine left, local replies), the store's write
+//! log (every write, old and new bytes) and what the engine reported
+//! through `Host::observe`, and use only pure code that ships (`Router`,
+//! `rollout::view`, the state keys) to interpret them.
 //!
-//! Invariants, checked after every event (`Sim::step` returns the first one
-//! violated):
-//! - only configured clusters are chosen: the cluster written is the matched
-//!   service's stable or canary, canary only when it has one; the service is
-//!   the first (in config order) whose match fits, by a plain scan;
-//! - the split is monotonic (more weight never moves a request from canary to
-//!   stable) and sticky (with a sticky key, the random word does not matter);
-//!   a rolled-back rollout sends no weighted traffic to the canary;
+//! Invariants, checked after every callback (`Sim::step` returns the first
+//! one broken):
+//! - only configured clusters are chosen: a routed request carries exactly
+//!   one steering header, the stable or canary cluster (canary only when it
+//!   has one) of the service a plain scan in config order matches
+//!   (`reference_service`); an unmatched request, and one the breaker
+//!   refused (a 503 local reply marked by the breaker header), carries none,
+//!   a client-forged one included; a service with a retry policy gets one
+//!   `x-envoy-max-retries`, the retries its reservation granted;
+//! - the split is monotonic (more weight never moves a request from canary
+//!   to stable) and sticky (with a sticky key, the random word does not
+//!   matter), by `Router::decide` on the parsed config; a rolled-back
+//!   rollout sends no weighted traffic to the canary; and end to end, a
+//!   sticky request to a service without a rollout lands on the side
+//!   `decide` gives on every worker (stable instead of canary only when the
+//!   service has a breaker to fall back from);
 //! - the retry budget's bound (`filter/src/retry.rs`, "The bound, exactly"):
 //!   for every interval of seconds `[a, b]` of one budget state,
 //!   `retries(a..=b) ≤ ratio × requests(a−W+1..=b) + min_per_s × (b − a + W)`,
-//!   counting the retries the router really made (the granted ones while it
-//!   may still make them), by the second they were granted in;
+//!   counting per reservation the engine reported (`Observed::Reserved`) the
+//!   retries the router really made (all granted ones while it may still
+//!   make them), by the second they were granted in; a reservation lost to
+//!   CAS races deposits nothing;
 //! - breaker transitions are only closed→open, open→half-open,
-//!   half-open→closed and half-open→open, every change of the stored state is
-//!   reported (once, to the writer) and every report is a change; open →
-//!   half-open only once the open time has passed; open times stay within
-//!   `[open_ms, max_open_ms]`;
+//!   half-open→closed and half-open→open; per callback and per breaker key,
+//!   the changes of the stored state are exactly the transitions the engine
+//!   reported (`Observed::BreakerChanged`), in order; open → half-open only
+//!   once the open time has passed; open times stay within
+//!   `[open_ms, max_open_ms]`; the engine writes only state keys its configs
+//!   define;
+//! - a breaker trips (closed→open) only if, since it last closed or was
+//!   created, its cluster was delivered at least one outcome that could
+//!   count against it: a 5xx status, an upstream failure flag, an attempt
+//!   count above 1, or (with `slow_ms`) start and end clocks `slow_ms` or
+//!   more apart in either direction;
 //! - a rollback is final for its rollout state;
+//! - the engine forgets every stream that ended;
 //! - no panic, no arithmetic overflow (the fuzz build has overflow checks).
 //!
 //! This file is shared: the `lifecycle` fuzz target decodes its input into a
 //! `Scenario`, and `filter/tests/properties.rs` includes it (`#[path]`) to
 //! drive it from proptest strategies. It depends on `sluice` and std only.
 
-use sluice::breaker::{self, Admission, BreakerConfig, BreakerState, Check, Outcome, ProbeToken};
+use sluice::breaker::{self, BreakerConfig, BreakerState, Transition};
 use sluice::config::{Config, HostPattern, RuleAction, Service, Side, StickyKey};
-use sluice::retry::{self, Budget, Reservation, RetryPolicy, TOKEN};
-use sluice::rollout::{self, RolloutState};
+use sluice::engine::{HeadersAction, BREAKER_HEADER};
+use sluice::retry::{self, Budget, Reservation, TOKEN};
+use sluice::rollout::{self, RolloutConfig, RolloutState};
 use sluice::router::{cookie_value, Decision, RequestHeaders, Router};
-use sluice::shared::{self, CasMismatch, MemoryStore, SharedStore};
-use sluice::sticky::Rng;
-use std::cell::{Cell, RefCell};
+use sluice::sticky::{mix, Rng};
+use sluice::testing::{self, Ending, FaultyStore, StreamState, Vm, Write};
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -262,24 +288,29 @@ impl Knobs {
 /// What happens next.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A request arrives at a worker (`on_http_request_headers`). Header
-    /// names are lower-cased, as Envoy stores them; `:authority` and `:path`
-    /// are headers too. `random` is the word for a request without a key.
+    /// A request arrives at a worker (`on_request_headers`). Header names
+    /// are lower-cased, as Envoy stores them; `:authority` and `:path` are
+    /// headers too. `random` is the word the split oracle gives `decide`
+    /// for a request without a key (the engine draws its own).
     Request {
         worker: u8,
         headers: Vec<(String, Vec<u8>)>,
         random: u64,
     },
     /// The response headers of an in-flight request (`pick` modulo the
-    /// number in flight) reach the filter: the router is done, having made
-    /// `attempts` attempts; `reported`: the attempt-count property is there.
+    /// number in flight) reach the filter (`on_response_headers`, once per
+    /// request: a second one is ignored) with this `:status`: the router is
+    /// done, having made `attempts` attempts; `reported`: the attempt-count
+    /// property is there.
     Response {
         pick: u16,
         attempts: u64,
         reported: bool,
+        status: u64,
     },
-    /// The request ends (`on_log`) with this status (0: none) and
-    /// `response.flags`; `attempts` as above unless the response came first.
+    /// The request ends (`on_log`, then `on_delete`) with `response.flags`;
+    /// `status` (0: none, e.g. a reset) and `attempts` as above unless the
+    /// response came first, whose facts stand (as Envoy's properties do).
     End {
         pick: u16,
         status: u64,
@@ -287,7 +318,8 @@ pub enum Event {
         attempts: u64,
         reported: bool,
     },
-    /// The request vanishes (its VM died): nothing is settled or recorded.
+    /// The request vanishes (`on_delete` without `on_log`: its VM is going
+    /// away): the engine settles and records nothing.
     Abandon { pick: u16 },
     /// The clock moves by this many milliseconds (negative: stepped back).
     Clock { delta_ms: i64 },
@@ -300,11 +332,13 @@ pub enum Event {
     Reload { worker: Option<u8>, variant: u8 },
     /// The next `failures` shared-data writes lose their CAS race.
     Contend { failures: u8 },
-    /// A worker's `on_tick`: gauges read, due rollout steps announced.
+    /// A worker's `on_tick`: held successes and settlements written, gauges
+    /// refreshed, due rollout steps announced.
     Tick { worker: u8 },
     /// `count % 32 + 1` requests to `AUTHORITIES[authority]` and `PATHS[path]` from
     /// users `user0`, `user1`, …, spread over the workers, `step_ms` apart,
-    /// each answered with `status` after `attempts` attempts. `overlap`:
+    /// each answered with `status` (0: no response) after `attempts`
+    /// attempts, reported, no response flags. `overlap`:
     /// all are in flight at once (every request starts, then every one
     /// ends), else each ends before the next starts. Reaches the states a
     /// single event rarely does (tripped breakers, drained budgets).
@@ -332,7 +366,8 @@ pub struct Scenario {
     pub events: Vec<Event>,
 }
 
-/// What a run did, to see that the fuzzer reaches the interesting states.
+/// What a run did, to see that the fuzzer reaches the interesting states;
+/// counted from the host's state, the store's writes and the engine's reports.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub requests: u64,
@@ -349,61 +384,10 @@ pub struct Stats {
     pub lost_updates: u64,
 }
 
-// ------------------------------------------------------------------ store
-
-/// A successful write to the store: the key, and its bytes before and after.
-#[derive(Debug, Clone)]
-pub struct Write {
-    pub key: String,
-    pub old: Option<Vec<u8>>,
-    pub new: Vec<u8>,
-}
-
-/// A `MemoryStore` that can lose CAS races on demand and logs every write,
-/// so that each state change can be checked against what was reported.
-#[derive(Debug, Default)]
-pub struct Store {
-    inner: MemoryStore,
-    fail_next: Cell<u32>,
-    writes: RefCell<Vec<Write>>,
-}
-
-impl SharedStore for Store {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.inner.get(key)
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
-        let failing = self.fail_next.get();
-        if failing > 0 {
-            self.fail_next.set(failing - 1);
-            return Err(CasMismatch);
-        }
-        let old = self.inner.get(key).map(|(bytes, _)| bytes);
-        self.inner.set(key, value, cas)?;
-        self.writes.borrow_mut().push(Write {
-            key: key.to_string(),
-            old,
-            new: value.to_vec(),
-        });
-        Ok(())
-    }
-}
-
-impl Store {
-    fn take_writes(&self) -> Vec<Write> {
-        std::mem::take(&mut *self.writes.borrow_mut())
-    }
-
-    fn bytes(&self, key: &str) -> Option<Vec<u8>> {
-        self.inner.get(key).map(|(bytes, _)| bytes)
-    }
-}
-
 // ---------------------------------------------------------------- headers
 
-/// Request headers as Envoy's header map gives them: the first value of a
-/// (lower-case) name.
+/// The request headers a client sent, read as Envoy's header map gives
+/// them: the first value of a (lower-case) name.
 #[derive(Debug, Clone, Default)]
 pub struct Headers(pub Vec<(String, Vec<u8>)>);
 
@@ -591,11 +575,45 @@ impl BudgetOracle {
     }
 }
 
-// ------------------------------------------------------------ breaker oracle
+// ------------------------------------------------------------ state oracles
 
 /// Key prefixes of the shared states (see each module's `state_key`).
 const BREAKER_PREFIX: &str = "sluice/breaker/";
 const ROLLOUT_PREFIX: &str = "sluice/rollout/";
+
+/// A shared-state key some variant's config defines, and what it holds.
+#[derive(Debug, Clone)]
+enum StateKey {
+    Budget(Budget),
+    Breaker(BreakerConfig),
+    Rollout(RolloutConfig),
+}
+
+/// Every key the configs define, by the modules' `state_key` functions.
+fn state_keys(config: &Config, keys: &mut HashMap<String, StateKey>) {
+    for service in &config.services {
+        if let Some(policy) = &service.retry {
+            keys.insert(
+                retry::budget_key(&service.name, policy),
+                StateKey::Budget(policy.budget),
+            );
+        }
+        if let Some(breaker_config) = &service.breaker {
+            for cluster in std::iter::once(&service.stable).chain(&service.canary) {
+                keys.insert(
+                    breaker::state_key(&service.name, cluster, breaker_config),
+                    StateKey::Breaker(breaker_config.clone()),
+                );
+            }
+        }
+        if let (Some(rollout_config), Some(canary)) = (&service.rollout, &service.canary) {
+            keys.insert(
+                rollout::state_key(&service.name, &service.stable, canary, rollout_config),
+                StateKey::Rollout(rollout_config.clone()),
+            );
+        }
+    }
+}
 
 /// The stored mode of breaker bytes (byte 1 of the encoding); no bytes is a
 /// fresh, closed breaker.
@@ -624,71 +642,110 @@ fn legal(from: BreakerState, to: BreakerState) -> bool {
     )
 }
 
-/// Checks the writes of one breaker operation against the transition it
-/// reported: each change of the stored mode is legal and reported, each
-/// report is a change.
-fn check_breaker_writes(
-    writes: &[Write],
-    reported: Option<breaker::Transition>,
-    config: &BreakerConfig,
-    now: u64,
-    stats: &mut Stats,
-) -> Result<(), String> {
-    let mut changes = Vec::new();
-    for write in writes.iter().filter(|w| w.key.starts_with(BREAKER_PREFIX)) {
-        let from = breaker_mode(write.old.as_deref())?;
-        let to = breaker_mode(Some(&write.new))?;
-        if from == to {
-            continue;
-        }
-        if !legal(from, to) {
-            return Err(format!(
-                "illegal breaker transition {from} -> {to} at {now} on {}",
-                write.key
-            ));
-        }
-        if (from, to) == (BreakerState::Open, BreakerState::HalfOpen) {
-            let until = breaker_until(write.old.as_deref()).unwrap_or(0);
-            // Early only when the stored time is further ahead than any
-            // open time: a clock stepped back, read as already passed.
-            if now < until && until <= now.saturating_add(config.max_open_ms) {
+/// What the breakers' writes must agree with.
+#[derive(Debug, Default)]
+struct BreakerOracle {
+    /// Breakers delivered an outcome that could count against them since
+    /// they last closed (or were created).
+    evidence: HashSet<String>,
+}
+
+impl BreakerOracle {
+    /// Checks one callback's writes against the transitions the engine
+    /// reported in it: per breaker, each change of the stored mode is legal
+    /// and the changes are the reports, in order.
+    fn check(
+        &mut self,
+        writes: &[Write],
+        reported: &[(String, Transition)],
+        keys: &HashMap<String, StateKey>,
+        now: u64,
+        stats: &mut Stats,
+    ) -> Result<(), String> {
+        let mut changes: BTreeMap<&str, Vec<(BreakerState, BreakerState)>> = BTreeMap::new();
+        for write in writes.iter().filter(|w| w.key.starts_with(BREAKER_PREFIX)) {
+            let key = write.key.as_str();
+            let Some(StateKey::Breaker(config)) = keys.get(key) else {
+                return Err(format!("breaker {key} written, but no config defines it"));
+            };
+            let from = breaker_mode(write.old.as_deref())?;
+            let to = breaker_mode(Some(&write.new))?;
+            if from == to {
+                continue;
+            }
+            if !legal(from, to) {
                 return Err(format!(
-                    "breaker {} went half-open at {now}, before its open time ended at {until}",
-                    write.key
+                    "illegal breaker transition {from} -> {to} at {now} on {key}"
+                ));
+            }
+            match (from, to) {
+                (BreakerState::Open, BreakerState::HalfOpen) => {
+                    let until = breaker_until(write.old.as_deref()).unwrap_or(0);
+                    // Early only when the stored time is no further ahead
+                    // than any open time: one further ahead is a clock
+                    // stepped back, read as already passed.
+                    let early = now < until && until <= now.saturating_add(config.max_open_ms);
+                    ensure(!early, || {
+                        format!("breaker {key} went half-open at {now}, before its open time ended at {until}")
+                    })?;
+                }
+                (BreakerState::Closed, BreakerState::Open) => {
+                    ensure(self.evidence.contains(key), || {
+                        format!("breaker {key} tripped (closed -> open) at {now}, but no outcome delivered to its cluster since it last closed was a failure (5xx, failure flag, retried) or could be slow")
+                    })?;
+                }
+                (BreakerState::HalfOpen, BreakerState::Closed) => {
+                    // Closing starts a fresh window.
+                    self.evidence.remove(key);
+                }
+                _ => {}
+            }
+            changes.entry(key).or_default().push((from, to));
+        }
+        let mut reports: BTreeMap<&str, Vec<&Transition>> = BTreeMap::new();
+        for (key, transition) in reported {
+            reports.entry(key.as_str()).or_default().push(transition);
+        }
+        for key in changes.keys().chain(reports.keys()) {
+            let made = changes.get(key).map(Vec::as_slice).unwrap_or_default();
+            let told = reports.get(key).map(Vec::as_slice).unwrap_or_default();
+            let agree = made.len() == told.len()
+                && made.iter().zip(told).all(|(&(from, to), transition)| {
+                    transition.from == from && transition.to == to
+                });
+            if !agree {
+                return Err(format!(
+                    "breaker {key}: the stored state changed {made:?} but the engine reported {told:?}"
                 ));
             }
         }
-        changes.push((from, to));
-    }
-    match (changes.as_slice(), reported) {
-        ([], None) => {}
-        ([(from, to)], Some(transition)) if transition.from == *from && transition.to == *to => {
+        for (key, transition) in reported {
             match transition.to {
                 BreakerState::Open => stats.trips += 1,
                 BreakerState::HalfOpen => stats.half_opens += 1,
                 BreakerState::Closed => stats.closes += 1,
             }
             if transition.to == BreakerState::Open {
+                let Some(StateKey::Breaker(config)) = keys.get(key) else {
+                    return Err(format!("a transition of {key}, which no config defines"));
+                };
                 let open = transition.open_ms.unwrap_or(0);
                 if open < config.open_ms || open > config.max_open_ms {
                     return Err(format!(
-                        "open time {open} ms outside [{}, {}]",
+                        "open time {open} ms of {key} outside [{}, {}]",
                         config.open_ms, config.max_open_ms
                     ));
                 }
             }
         }
-        (changes, reported) => {
-            return Err(format!(
-                "breaker state changes {changes:?} but reported {reported:?}"
-            ))
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A rollback is final: rollout bytes once rolled back (byte 1) stay so.
-fn check_rollout_writes(writes: &[Write], stats: &mut Stats) -> Result<(), String> {
+/// Returns the keys this callback rolled back.
+fn check_rollout_writes(writes: &[Write], stats: &mut Stats) -> Result<Vec<String>, String> {
+    let mut rolled_back = Vec::new();
     for write in writes.iter().filter(|w| w.key.starts_with(ROLLOUT_PREFIX)) {
         let was = write.old.as_deref().and_then(|b| b.get(1).copied()) == Some(1);
         let is = write.new.get(1).copied() == Some(1);
@@ -697,9 +754,10 @@ fn check_rollout_writes(writes: &[Write], stats: &mut Stats) -> Result<(), Strin
         }
         if is && !was {
             stats.rollbacks += 1;
+            rolled_back.push(write.key.clone());
         }
     }
-    Ok(())
+    Ok(rolled_back)
 }
 
 // --------------------------------------------------------------- reference
@@ -761,115 +819,59 @@ fn sticky_key<'h>(service: &Service, headers: &'h Headers) -> Option<&'h [u8]> {
 
 // -------------------------------------------------------------------- sim
 
-/// A service's shared-data keys, as `ServiceRuntime::new` creates them.
-#[derive(Debug)]
-struct Runtime {
-    retry: Option<String>,
-    /// Stable, canary.
-    breakers: [Option<String>; 2],
-    rollout: Option<String>,
-}
-
-/// A configuration in force on a worker.
-#[derive(Debug)]
-struct Active {
+/// A configuration variant: the JSON `on_configure` reads, and its parsed
+/// form for the oracles.
+struct Variant {
+    json: String,
     router: Router,
-    runtimes: Vec<Runtime>,
-    clusters: HashSet<String>,
 }
 
-impl Active {
-    /// `Active::new` of the glue: keys derived, states ensured.
-    fn new(config: Config, store: &Store, now: u64) -> Self {
-        let runtimes = config
-            .services
-            .iter()
-            .map(|service| {
-                let retry = service.retry.as_ref().map(|policy| {
-                    let key = retry::budget_key(&service.name, policy);
-                    shared::ensure(store, &key, &retry::fresh_state(policy, now));
-                    key
-                });
-                let breaker_for = |side: Side| {
-                    let config = service.breaker.as_ref()?;
-                    if side == Side::Canary && service.canary.is_none() {
-                        return None;
-                    }
-                    let key = breaker::state_key(&service.name, service.cluster(side), config);
-                    shared::ensure(store, &key, &breaker::initial());
-                    Some(key)
-                };
-                let rollout = match (&service.rollout, &service.canary) {
-                    (Some(config), Some(canary)) => {
-                        let key =
-                            rollout::state_key(&service.name, &service.stable, canary, config);
-                        shared::ensure(store, &key, &rollout::initial(config, now));
-                        Some(key)
-                    }
-                    _ => None,
-                };
-                Runtime {
-                    retry,
-                    breakers: [breaker_for(Side::Stable), breaker_for(Side::Canary)],
-                    rollout,
-                }
-            })
-            .collect();
-        let clusters = config
-            .services
-            .iter()
-            .flat_map(|service| {
-                std::iter::once(service.stable.clone()).chain(service.canary.clone())
-            })
-            .collect();
-        Active {
-            router: Router::new(config),
-            runtimes,
-            clusters,
-        }
-    }
-
-    fn service(&self, index: usize) -> Option<(&Service, &Runtime)> {
-        Some((
-            self.router.services().get(index)?,
-            self.runtimes.get(index)?,
-        ))
-    }
-}
-
-fn side_index(side: Side) -> usize {
-    match side {
-        Side::Stable => 0,
-        Side::Canary => 1,
-    }
+/// What the router and the upstream did for a request, as the host reports
+/// it: at the response headers, or at the end when none came.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    clock: u64,
+    status: u64,
+    attempts: u64,
+    /// The attempt-count property is there.
+    reported: bool,
 }
 
 /// A request in flight.
 #[derive(Debug)]
-struct Exchange {
-    active: Rc<Active>,
+struct Flight {
     worker: usize,
-    service: usize,
-    side: Side,
+    context: u32,
+    /// The breaker its outcome is booked with (its config's, on the side it
+    /// was routed to), and that breaker's `slow_ms`.
+    breaker: Option<(String, Option<u64>)>,
+    /// Its reservation, until the router is done with it.
+    charge: Option<Charge>,
     started_ms: u64,
-    responded_ms: Option<u64>,
-    probe: Option<ProbeToken>,
-    reservation: Option<(Reservation, Option<Charge>)>,
-    /// Attempts the router made, once known (response or end).
-    attempts: Option<u64>,
-    rejected: bool,
+    response: Option<Answer>,
 }
 
-/// The simulation: workers, the shared store, the clock and the oracles.
+/// What the engine reported in one callback besides breaker transitions
+/// (which `Sim::call` checks): the reservations.
+type Reserved = Vec<(String, Budget, Reservation)>;
+
+/// The simulation: one engine per worker over one store and one clock, the
+/// requests in flight, and the oracles.
 pub struct Sim {
-    store: Store,
-    now: u64,
-    configs: Vec<Config>,
-    workers: Vec<Rc<Active>>,
-    rngs: Vec<Rng>,
-    pending: Vec<Exchange>,
+    store: Rc<FaultyStore>,
+    clock: Rc<Cell<u64>>,
+    vms: Vec<Vm>,
+    variants: Vec<Rc<Variant>>,
+    /// The variant each worker has in force.
+    applied: Vec<usize>,
+    /// Every shared-state key the variants define.
+    keys: HashMap<String, StateKey>,
+    pending: Vec<Flight>,
     budget: BudgetOracle,
+    breakers: BreakerOracle,
     rolled_back: HashSet<String>,
+    /// The random words of burst requests.
+    rng: Rng,
     /// The start and the time after each clock event, for `Rewind`.
     readings: Vec<u64>,
     pub stats: Stats,
@@ -883,53 +885,75 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Strin
     }
 }
 
+/// Every value of a request header the engine left on the stream.
+fn values<'s>(stream: &'s StreamState, name: &str) -> Vec<&'s [u8]> {
+    stream
+        .request_headers
+        .iter()
+        .filter(|(known, _)| known == name)
+        .map(|(_, value)| value.as_slice())
+        .collect()
+}
+
 impl Sim {
     /// Parses every variant (a template that does not parse is a failure:
     /// its numbers are within the documented ranges) and applies the first
     /// on every worker.
     pub fn new(scenario: &Scenario) -> Result<Sim, String> {
-        let mut configs = Vec::new();
+        let mut variants = Vec::new();
+        let mut keys = HashMap::new();
         for knobs in scenario.variants.iter().take(4) {
             let json = knobs.json();
-            match Config::parse(json.as_bytes()) {
-                Ok(config) => configs.push(config),
-                Err(err) => return Err(format!("template refused: {err}\n{json}")),
-            }
+            let config = Config::parse(json.as_bytes())
+                .map_err(|err| format!("template refused: {err}\n{json}"))?;
+            state_keys(&config, &mut keys);
+            variants.push(Rc::new(Variant {
+                json,
+                router: Router::new(config),
+            }));
         }
-        let first = configs
-            .first()
-            .cloned()
-            .ok_or_else(|| "a scenario needs a configuration".to_string())?;
-        let store = Store::default();
+        ensure(!variants.is_empty(), || {
+            "a scenario needs a configuration".to_string()
+        })?;
+        let store = Rc::new(FaultyStore::default());
         let now = T0 + u64::from(scenario.start_offset_ms);
+        let clock = Rc::new(Cell::new(now));
         let count = usize::from(scenario.workers.clamp(1, 8));
-        let workers = (0..count)
-            .map(|_| Rc::new(Active::new(first.clone(), &store, now)))
+        let vms = (0..count)
+            .map(|worker| {
+                let seed = mix(scenario.seed ^ worker as u64);
+                Vm::new(Rc::clone(&store), Rc::clone(&clock), seed)
+            })
             .collect();
-        let rngs = (0..count)
-            .map(|worker| Rng::new(scenario.seed ^ worker as u64))
-            .collect();
-        store.take_writes();
-        Ok(Sim {
+        let mut sim = Sim {
             store,
-            now,
-            configs,
-            workers,
-            rngs,
+            clock,
+            vms,
+            variants,
+            applied: vec![0; count],
+            keys,
             pending: Vec::new(),
             budget: BudgetOracle::default(),
+            breakers: BreakerOracle::default(),
             rolled_back: HashSet::new(),
+            rng: Rng::new(scenario.seed),
             readings: vec![now],
             stats: Stats::default(),
-        })
+        };
+        for worker in 0..count {
+            sim.configure(worker, 0)
+                .map_err(|err| format!("at start: {err}"))?;
+        }
+        Ok(sim)
     }
 
     /// Runs a whole scenario; the first violated invariant, with the event.
     pub fn run(scenario: &Scenario) -> Result<Stats, String> {
         let mut sim = Sim::new(scenario)?;
         for (index, event) in scenario.events.iter().enumerate() {
-            sim.step(event)
-                .map_err(|err| format!("event {index} ({event:?}) at {}: {err}", sim.now))?;
+            sim.step(event).map_err(|err| {
+                format!("event {index} ({event:?}) at {}: {err}", sim.clock.get())
+            })?;
         }
         sim.budget
             .check_all()
@@ -937,12 +961,8 @@ impl Sim {
         Ok(sim.stats)
     }
 
-    fn random(&mut self, worker: usize) -> u64 {
-        self.rngs.get_mut(worker).map_or(0, Rng::next_u64)
-    }
-
     fn worker_index(&self, worker: u8) -> usize {
-        usize::from(worker) % self.workers.len().max(1)
+        usize::from(worker) % self.vms.len().max(1)
     }
 
     fn pick(&self, pick: u16) -> Option<usize> {
@@ -964,8 +984,9 @@ impl Sim {
                 pick,
                 attempts,
                 reported,
+                status,
             } => match self.pick(*pick) {
-                Some(index) => self.response(index, *attempts, *reported),
+                Some(index) => self.respond(index, *status, *attempts, *reported),
                 None => Ok(()),
             },
             Event::End {
@@ -976,66 +997,56 @@ impl Sim {
                 reported,
             } => match self.pick(*pick) {
                 Some(index) => {
-                    let exchange = self.pending.swap_remove(index);
-                    self.end(exchange, *status, *flags, *attempts, *reported)
+                    let flight = self.pending.swap_remove(index);
+                    self.end(flight, *status, *flags, *attempts, *reported)
                 }
                 None => Ok(()),
             },
-            Event::Abandon { pick } => {
-                if let Some(index) = self.pick(*pick) {
-                    let exchange = self.pending.swap_remove(index);
-                    // The router may still use every granted retry.
-                    drop(exchange);
+            Event::Abandon { pick } => match self.pick(*pick) {
+                Some(index) => {
+                    // The router may still use every granted retry: the
+                    // charge stays whole.
+                    let flight = self.pending.swap_remove(index);
+                    let context = flight.context;
+                    self.call_quietly(flight.worker, |vm| {
+                        vm.abandon(context);
+                        vm.forget(context);
+                    })?;
+                    self.check_streams(flight.worker)
                 }
-                Ok(())
-            }
+                None => Ok(()),
+            },
             Event::Clock { delta_ms } => {
-                self.now = self.now.saturating_add_signed(*delta_ms).max(1);
-                self.readings.push(self.now);
+                let now = self.clock.get().saturating_add_signed(*delta_ms).max(1);
+                self.clock.set(now);
+                self.readings.push(now);
                 Ok(())
             }
             Event::Rewind { to } => {
                 let back = usize::from(*to) % self.readings.len().max(1);
                 if let Some(&then) = self.readings.iter().rev().nth(back) {
-                    self.now = then;
+                    self.clock.set(then);
                 }
                 Ok(())
             }
             Event::Reload { worker, variant } => {
-                let Some(config) = self
-                    .configs
-                    .get(usize::from(*variant) % self.configs.len().max(1))
-                    .cloned()
-                else {
-                    return Ok(());
-                };
+                let variant = usize::from(*variant) % self.variants.len().max(1);
                 let targets: Vec<usize> = match worker {
                     Some(worker) => vec![self.worker_index(*worker)],
-                    None => (0..self.workers.len()).collect(),
+                    None => (0..self.vms.len()).collect(),
                 };
                 for target in targets {
-                    let active = Rc::new(Active::new(config.clone(), &self.store, self.now));
-                    if let Some(slot) = self.workers.get_mut(target) {
-                        *slot = active;
-                    }
+                    self.configure(target, variant)?;
                 }
-                let writes = self.store.take_writes();
-                check_breaker_writes(
-                    &writes,
-                    None,
-                    &BreakerConfig::default(),
-                    self.now,
-                    &mut self.stats,
-                )?;
-                check_rollout_writes(&writes, &mut self.stats)
+                Ok(())
             }
             Event::Contend { failures } => {
-                self.store.fail_next.set(u32::from(*failures));
+                self.store.lose_next_writes(u32::from(*failures));
                 Ok(())
             }
             Event::Tick { worker } => {
                 let worker = self.worker_index(*worker);
-                self.tick(worker)
+                self.call_quietly(worker, Vm::tick)
             }
             Event::Burst {
                 count,
@@ -1063,6 +1074,115 @@ impl Sim {
         }
     }
 
+    /// One engine callback on a worker, and every check of what it wrote
+    /// and reported: the writes touch only keys the configs define, each
+    /// breaker's changes are the transitions reported for it, a rollback
+    /// stays a rollback. Returns the callback's result and the reservations
+    /// the engine reported.
+    fn call<T>(
+        &mut self,
+        worker: usize,
+        callback: impl FnOnce(&mut Vm) -> T,
+    ) -> Result<(T, Reserved), String> {
+        let stray = self.store.take_writes();
+        ensure(stray.is_empty(), || {
+            format!("{} writes outside any callback", stray.len())
+        })?;
+        let now = self.clock.get();
+        let vm = self
+            .vms
+            .get_mut(worker)
+            .ok_or_else(|| format!("no worker {worker}"))?;
+        let result = callback(vm);
+        let events = vm.host.take_events();
+        let writes = self.store.take_writes();
+        let mut transitions = Vec::new();
+        let mut reserved = Vec::new();
+        for event in events {
+            match event {
+                testing::Event::Reserved {
+                    key,
+                    budget,
+                    reservation,
+                } => {
+                    let known = matches!(self.keys.get(&key), Some(StateKey::Budget(stored)) if *stored == budget);
+                    ensure(known, || {
+                        format!("a reservation in {key} with {budget:?}, which no config defines")
+                    })?;
+                    reserved.push((key, budget, reservation));
+                }
+                testing::Event::BreakerChanged { key, transition } => {
+                    transitions.push((key, transition));
+                }
+                testing::Event::UpdateLost { .. } => self.stats.lost_updates += 1,
+            }
+        }
+        for write in &writes {
+            ensure(self.keys.contains_key(&write.key), || {
+                format!("the engine wrote {}, which no config defines", write.key)
+            })?;
+        }
+        self.breakers
+            .check(&writes, &transitions, &self.keys, now, &mut self.stats)?;
+        self.rolled_back
+            .extend(check_rollout_writes(&writes, &mut self.stats)?);
+        for key in &self.rolled_back {
+            if let Some(StateKey::Rollout(config)) = self.keys.get(key) {
+                let view = rollout::view(self.store.bytes(key).as_deref(), config, now);
+                ensure(
+                    matches!(view.state, RolloutState::RolledBack { .. }),
+                    || format!("rollout {key} rolled back, but the view is {view:?}"),
+                )?;
+            }
+        }
+        Ok((result, reserved))
+    }
+
+    /// `call` for a callback that reserves nothing.
+    fn call_quietly<T>(
+        &mut self,
+        worker: usize,
+        callback: impl FnOnce(&mut Vm) -> T,
+    ) -> Result<T, String> {
+        let (result, reserved) = self.call(worker, callback)?;
+        ensure(reserved.is_empty(), || {
+            format!("reservations {reserved:?} outside request headers")
+        })?;
+        Ok(result)
+    }
+
+    /// `on_configure` with a variant; the templates always parse, so the
+    /// engine must accept it.
+    fn configure(&mut self, worker: usize, variant: usize) -> Result<(), String> {
+        let Some(chosen) = self.variants.get(variant).cloned() else {
+            return Ok(());
+        };
+        let accepted = self.call_quietly(worker, |vm| vm.configure(chosen.json.as_bytes()))?;
+        ensure(accepted, || {
+            format!(
+                "worker {worker} refused variant {variant}:\n{}",
+                chosen.json
+            )
+        })?;
+        if let Some(slot) = self.applied.get_mut(worker) {
+            *slot = variant;
+        }
+        Ok(())
+    }
+
+    /// The engine holds exactly the streams in flight on the worker.
+    fn check_streams(&self, worker: usize) -> Result<(), String> {
+        let expected = self
+            .pending
+            .iter()
+            .filter(|flight| flight.worker == worker)
+            .count();
+        let held = self.vms.get(worker).map_or(0, |vm| vm.worker.streams());
+        ensure(held == expected, || {
+            format!("worker {worker} holds {held} streams, {expected} are in flight")
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn burst(
         &mut self,
@@ -1076,6 +1196,20 @@ impl Sim {
     ) -> Result<(), String> {
         let count = usize::from(count % 32) + 1;
         let first = self.pending.len();
+        // Every request of a burst is answered, by its response headers
+        // unless it got no response at all.
+        let finish = |sim: &mut Sim| -> Result<(), String> {
+            let Some(last) = sim.pending.len().checked_sub(1) else {
+                return Ok(());
+            };
+            if status != 0 {
+                sim.respond(last, status, attempts, true)?;
+            }
+            match sim.pending.pop() {
+                Some(flight) => sim.end(flight, status, 0, attempts, true),
+                None => Ok(()),
+            }
+        };
         for user in 0..count {
             let headers = Headers(vec![
                 (":authority".to_string(), authority.as_bytes().to_vec()),
@@ -1083,66 +1217,234 @@ impl Sim {
                 ("x-user".to_string(), format!("user{user}").into_bytes()),
                 ("cookie".to_string(), format!("uid=user{user}").into_bytes()),
             ]);
-            let worker = user % self.workers.len().max(1);
-            let random = self.random(worker);
+            let worker = user % self.vms.len().max(1);
+            let random = self.rng.next_u64();
             let before = self.pending.len();
             self.request(worker, headers, random)?;
-            self.now = self.now.saturating_add(u64::from(step_ms));
+            self.advance(step_ms);
             if !overlap && self.pending.len() > before {
-                let last = self.pending.len() - 1;
-                self.response(last, attempts, true)?;
-                if let Some(exchange) = self.pending.pop() {
-                    self.end(exchange, status, 0, attempts, true)?;
-                }
+                finish(self)?;
             }
         }
         if overlap {
             while self.pending.len() > first {
-                let last = self.pending.len() - 1;
-                self.response(last, attempts, true)?;
-                if let Some(exchange) = self.pending.pop() {
-                    self.end(exchange, status, 0, attempts, true)?;
-                }
-                self.now = self.now.saturating_add(u64::from(step_ms));
+                finish(self)?;
+                self.advance(step_ms);
             }
         }
         Ok(())
     }
 
-    /// `on_http_request_headers`.
+    fn advance(&mut self, step_ms: u16) {
+        self.clock
+            .set(self.clock.get().saturating_add(u64::from(step_ms)));
+    }
+
+    /// `on_request_headers` (and, for an unmatched request, its end at
+    /// once): what the engine left on the stream, and what it reserved.
     fn request(&mut self, worker: usize, mut headers: Headers, random: u64) -> Result<(), String> {
-        let Some(active) = self.workers.get(worker).cloned() else {
-            return Ok(());
-        };
+        let variant = self
+            .applied
+            .get(worker)
+            .and_then(|&variant| self.variants.get(variant))
+            .cloned()
+            .ok_or_else(|| format!("no config on worker {worker}"))?;
+        let router = &variant.router;
+        let config = router.config();
         self.stats.requests += 1;
-        let now = self.now;
-        let authority = headers.get(":authority").map(<[u8]>::to_vec);
-        let path = headers.get(":path").map(<[u8]>::to_vec);
-        let found = active
-            .router
-            .find_service(authority.as_deref(), path.as_deref());
-        let expected = reference_service(
-            active.router.config(),
-            authority.as_deref(),
-            path.as_deref(),
-        );
+        let now = self.clock.get();
+        let expected = reference_service(config, headers.get(":authority"), headers.get(":path"));
+        let found = router.find_service(headers.get(":authority"), headers.get(":path"));
         ensure(found == expected, || {
             format!("find_service chose {found:?}, the first service that fits is {expected:?}")
         })?;
-        let Some(index) = found else {
-            self.stats.unmatched += 1;
-            return Ok(());
-        };
-        let Some((service, runtime)) = active.service(index) else {
-            return Err(format!("service {index} out of range"));
+        let decided = match expected {
+            Some(index) => Some(self.check_split(router, index, &mut headers, random, now)?),
+            None => None,
         };
 
-        // The weight: configured, or the rollout's.
-        let (weight_bp, cohort_weights) = match (&service.rollout, &runtime.rollout) {
-            (Some(config), Some(key)) => {
-                let view = rollout::view(self.store.bytes(key).as_deref(), config, now);
+        let ((context, action), reserved) = self.call(worker, |vm| vm.request(&headers.0))?;
+        let stream = self
+            .vms
+            .get(worker)
+            .and_then(|vm| vm.host.streams.borrow().get(&context).cloned())
+            .unwrap_or_default();
+        let steering = values(&stream, &config.steering_header);
+        let reply = stream.local_reply.as_ref();
+        ensure((action == HeadersAction::Stop) == reply.is_some(), || {
+            format!("{action:?} with local reply {reply:?}")
+        })?;
+
+        let Some(index) = expected else {
+            ensure(steering.is_empty() && reply.is_none(), || {
+                format!("an unmatched request left with steering {steering:?}, reply {reply:?}")
+            })?;
+            ensure(reserved.is_empty(), || {
+                format!("an unmatched request reserved {reserved:?}")
+            })?;
+            self.stats.unmatched += 1;
+            // Nothing to answer: it ends at once.
+            self.call_quietly(worker, |vm| {
+                vm.end(context, Ending::default());
+                vm.forget(context);
+            })?;
+            return self.check_streams(worker);
+        };
+        let service = config
+            .services
+            .get(index)
+            .ok_or_else(|| format!("service {index} out of range"))?;
+
+        if let Some(reply) = reply {
+            ensure(service.breaker.is_some(), || {
+                format!(
+                    "service {} has no breaker, yet refused a request",
+                    service.name
+                )
+            })?;
+            let marked = reply
+                .headers
+                .iter()
+                .any(|(name, value)| name == BREAKER_HEADER && value == "open");
+            ensure(reply.status == 503 && marked, || {
+                format!("a refusal answered {reply:?}")
+            })?;
+            ensure(steering.is_empty(), || {
+                format!("a refused request carries the steering header {steering:?}")
+            })?;
+            ensure(reserved.is_empty(), || {
+                format!("a refused request reserved {reserved:?}")
+            })?;
+            self.stats.rejected += 1;
+            self.pending.push(Flight {
+                worker,
+                context,
+                breaker: None,
+                charge: None,
+                started_ms: now,
+                response: None,
+            });
+            return self.check_streams(worker);
+        }
+
+        // Only configured clusters are chosen: the matched service's.
+        let side = match steering.as_slice() {
+            [cluster] if *cluster == service.stable.as_bytes() => Side::Stable,
+            [cluster] if service.canary.as_deref().map(str::as_bytes) == Some(*cluster) => {
+                Side::Canary
+            }
+            other => {
+                let shown: Vec<_> = other.iter().map(|v| String::from_utf8_lossy(v)).collect();
+                return Err(format!(
+                    "a request to service {} left with steering values {shown:?} (stable {:?}, canary {:?})",
+                    service.name, service.stable, service.canary
+                ));
+            }
+        };
+        if side == Side::Canary {
+            self.stats.canary += 1;
+        }
+        // Sticky end to end: without a rollout the weight is the config's,
+        // so a keyed request lands where `decide` puts it on any worker
+        // (stable instead of canary only if the canary's breaker refused).
+        if let Some(decided) = decided {
+            if service.rollout.is_none() && sticky_key(service, &headers).is_some() {
+                ensure(
+                    side == decided || (decided == Side::Canary && service.breaker.is_some()),
+                    || format!("a sticky request went {side:?}, decide says {decided:?}"),
+                )?;
+            }
+        }
+
+        // The reservation, and the retry header the router reads.
+        let charge = match &service.retry {
+            Some(policy) => {
+                let key = retry::budget_key(&service.name, policy);
+                let mut granted = 0;
+                let mut charge = None;
+                for (reserved_key, budget, reservation) in &reserved {
+                    ensure(
+                        *reserved_key == key && *budget == policy.budget && charge.is_none(),
+                        || format!("service {} reserved {reserved:?}", service.name),
+                    )?;
+                    ensure(
+                        reservation.granted.saturating_add(reservation.denied)
+                            <= policy.max_retries,
+                        || {
+                            format!(
+                                "reservation {reservation:?} for a policy of {} retries",
+                                policy.max_retries
+                            )
+                        },
+                    )?;
+                    let deposit = self.budget.deposit(reserved_key, *budget, reservation);
+                    self.stats.budget_checks += 1;
+                    self.budget.check(deposit.key)?;
+                    self.stats.granted += u64::from(reservation.granted);
+                    self.stats.denied += u64::from(reservation.denied);
+                    granted = reservation.granted;
+                    charge = Some(deposit);
+                }
+                let written = values(&stream, retry::MAX_RETRIES_HEADER);
+                ensure(written == [granted.to_string().as_bytes()], || {
+                    format!(
+                        "{} granted, the router reads {} {written:?}",
+                        granted,
+                        retry::MAX_RETRIES_HEADER
+                    )
+                })?;
+                charge
+            }
+            None => {
+                ensure(reserved.is_empty(), || {
+                    format!(
+                        "service {} has no retry policy, yet reserved {reserved:?}",
+                        service.name
+                    )
+                })?;
+                None
+            }
+        };
+
+        let breaker = service.breaker.as_ref().map(|config| {
+            (
+                breaker::state_key(&service.name, service.cluster(side), config),
+                config.slow.map(|slow| slow.threshold_ms),
+            )
+        });
+        self.pending.push(Flight {
+            worker,
+            context,
+            breaker,
+            charge,
+            started_ms: now,
+            response: None,
+        });
+        self.check_streams(worker)
+    }
+
+    /// The split of a matched request by `decide` on the parsed config:
+    /// monotonic in the weight and, with a sticky key, independent of the
+    /// random word. Returns the side.
+    fn check_split(
+        &self,
+        router: &Router,
+        index: usize,
+        headers: &mut Headers,
+        random: u64,
+        now: u64,
+    ) -> Result<Side, String> {
+        let service = router
+            .services()
+            .get(index)
+            .ok_or_else(|| format!("service {index} out of range"))?;
+        // The weight: configured, or the rollout's as stored.
+        let (weight_bp, cohort_weights) = match (&service.rollout, &service.canary) {
+            (Some(config), Some(canary)) => {
+                let key = rollout::state_key(&service.name, &service.stable, canary, config);
+                let view = rollout::view(self.store.bytes(&key).as_deref(), config, now);
                 let rolled_back = matches!(view.state, RolloutState::RolledBack { .. });
-                ensure(!self.rolled_back.contains(key) || rolled_back, || {
+                ensure(!self.rolled_back.contains(&key) || rolled_back, || {
                     format!("rollout {key} rolled back, but the view is {view:?}")
                 })?;
                 ensure(
@@ -1161,12 +1463,10 @@ impl Sim {
             _ => (service.weight_bp, true),
         };
 
-        let decision = active
-            .router
-            .decide(index, weight_bp, cohort_weights, &mut headers, random);
+        let decision = router.decide(index, weight_bp, cohort_weights, headers, random);
         let Decision::Routed {
             service: decided,
-            mut side,
+            side,
             rule,
         } = decision
         else {
@@ -1193,7 +1493,7 @@ impl Sim {
             .min(10_000);
         let less = weight_bp.saturating_sub((random >> 33) as u16 % 10_001);
         for (low, high) in [(weight_bp, more), (less, weight_bp)] {
-            let side_at = |weight: u16, headers: &mut Headers| match active.router.decide(
+            let side_at = |weight: u16, headers: &mut Headers| match router.decide(
                 index,
                 weight,
                 cohort_weights,
@@ -1203,420 +1503,106 @@ impl Sim {
                 Decision::Routed { side, .. } => side,
                 Decision::Unmatched => Side::Stable,
             };
-            if side_at(low, &mut headers) == Side::Canary {
-                ensure(side_at(high, &mut headers) == Side::Canary, || {
+            if side_at(low, headers) == Side::Canary {
+                ensure(side_at(high, headers) == Side::Canary, || {
                     format!("canary at weight {low} bp but stable at {high} bp")
                 })?;
             }
         }
         // Sticky: with a key, the random word does not matter.
-        if sticky_key(service, &headers).is_some() {
-            let other = active.router.decide(
+        if sticky_key(service, headers).is_some() {
+            let other = router.decide(
                 index,
                 weight_bp,
                 cohort_weights,
-                &mut headers,
+                headers,
                 random.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15,
             );
             ensure(other == decision, || {
                 format!("same sticky key, another random word: {other:?} instead of {decision:?}")
             })?;
         }
-
-        // Breakers, as the glue asks them.
-        let mut probe = None;
-        if side == Side::Canary {
-            match self.admit(&active, index, Side::Canary)? {
-                Admission::Allowed => {}
-                Admission::Probe(token) => probe = Some(token),
-                Admission::Rejected { .. } => {
-                    side = Side::Stable;
-                    self.record_rollout(&active, index, true)?;
-                }
-            }
-        }
-        if side == Side::Stable {
-            match self.admit(&active, index, Side::Stable)? {
-                Admission::Allowed => {}
-                Admission::Probe(token) => probe = Some(token),
-                Admission::Rejected { .. } => {
-                    self.stats.rejected += 1;
-                    self.pending.push(Exchange {
-                        active: active.clone(),
-                        worker,
-                        service: index,
-                        side,
-                        started_ms: now,
-                        responded_ms: None,
-                        probe: None,
-                        reservation: None,
-                        attempts: None,
-                        rejected: true,
-                    });
-                    return Ok(());
-                }
-            }
-        }
-
-        // Retries.
-        let reservation = match (&service.retry, &runtime.retry) {
-            (Some(policy), Some(key)) => Some(self.govern_retries(policy, key, &mut headers)?),
-            _ => None,
-        };
-
-        // Only configured clusters are chosen.
-        let cluster = service.cluster(side);
-        ensure(active.clusters.contains(cluster), || {
-            format!("cluster {cluster:?} is not configured")
-        })?;
-        ensure(
-            match side {
-                Side::Stable => cluster == service.stable,
-                Side::Canary => Some(cluster) == service.canary.as_deref(),
-            },
-            || format!("{side:?} of {} is {cluster:?}", service.name),
-        )?;
-        if side == Side::Canary {
-            self.stats.canary += 1;
-        }
-        self.pending.push(Exchange {
-            active: active.clone(),
-            worker,
-            service: index,
-            side,
-            started_ms: now,
-            responded_ms: None,
-            probe,
-            reservation,
-            attempts: None,
-            rejected: false,
-        });
-        Ok(())
+        Ok(side)
     }
 
-    /// `Active::admit` of the glue: a read, and a CAS only to probe.
-    fn admit(&mut self, active: &Active, index: usize, side: Side) -> Result<Admission, String> {
-        let Some((service, runtime)) = active.service(index) else {
-            return Ok(Admission::Allowed);
-        };
-        let (Some(config), Some(key)) = (
-            service.breaker.as_ref(),
-            runtime
-                .breakers
-                .get(side_index(side))
-                .and_then(Option::as_ref),
-        ) else {
-            return Ok(Admission::Allowed);
-        };
-        let now = self.now;
-        let check = breaker::check(self.store.bytes(key).as_deref(), config, now);
-        let stored = breaker_mode(self.store.bytes(key).as_deref())?;
-        match check {
-            Check::Allowed => {
-                ensure(stored == BreakerState::Closed, || {
-                    format!("check allowed a request through a {stored} breaker")
-                })?;
-                return Ok(Admission::Allowed);
-            }
-            Check::Rejected { retry_after_ms } => {
-                ensure(stored != BreakerState::Closed, || {
-                    "a closed breaker rejected a request".to_string()
-                })?;
-                return Ok(Admission::Rejected { retry_after_ms });
-            }
-            Check::TryProbe => {}
-        }
-        self.store.take_writes();
-        let result = shared::update(&self.store, key, |bytes| breaker::admit(bytes, config, now));
-        let writes = self.store.take_writes();
-        if result.is_none() {
-            self.stats.lost_updates += 1;
-        }
-        let (admission, transition) = result.unwrap_or((
-            Admission::Rejected {
-                retry_after_ms: 1_000,
-            },
-            None,
-        ));
-        check_breaker_writes(&writes, transition, config, now, &mut self.stats)?;
-        Ok(admission)
-    }
-
-    /// `govern_retries` of the glue, with the budget oracle.
-    fn govern_retries(
+    /// `on_response_headers`, once per request: the router is done, so the
+    /// budget oracle counts the retries it made.
+    fn respond(
         &mut self,
-        policy: &RetryPolicy,
-        key: &str,
-        headers: &mut Headers,
-    ) -> Result<(Reservation, Option<Charge>), String> {
-        let now = self.now;
-        let grpc_timeout = headers.get(retry::GRPC_TIMEOUT_HEADER).map(<[u8]>::to_vec);
-        let deadline_header = policy
-            .deadline_header
-            .as_deref()
-            .and_then(|name| headers.get(name))
-            .map(<[u8]>::to_vec);
-        let deadline =
-            retry::client_deadline_ms(grpc_timeout.as_deref(), deadline_header.as_deref());
-        let plan = retry::plan(policy, deadline);
-        ensure(plan.max_retries <= policy.max_retries, || {
-            format!("plan {plan:?} above the policy's {}", policy.max_retries)
-        })?;
-        if let (Some(timeout), Some(planned)) = (policy.timeout_ms, plan.timeout_ms) {
-            ensure(planned <= timeout && planned >= 1, || {
-                format!("planned timeout {planned} outside 1..={timeout}")
-            })?;
-        }
-        self.store.take_writes();
-        let (reservation, charge) = if policy.max_retries == 0 {
-            (Reservation::unrecorded(0), None)
-        } else {
-            match shared::update(&self.store, key, |bytes| {
-                retry::reserve(bytes, policy, now, plan.max_retries)
-            }) {
-                Some(reservation) => {
-                    let charge = self.budget.deposit(key, policy.budget, &reservation);
-                    self.stats.budget_checks += 1;
-                    self.budget.check(charge.key)?;
-                    (reservation, Some(charge))
-                }
-                None => {
-                    self.stats.lost_updates += 1;
-                    (Reservation::unrecorded(plan.max_retries), None)
-                }
-            }
-        };
-        self.store.take_writes();
-        ensure(
-            reservation.granted <= plan.max_retries
-                && reservation.granted + reservation.denied == plan.max_retries,
-            || {
-                format!(
-                    "reservation {reservation:?} for {} wanted",
-                    plan.max_retries
-                )
-            },
-        )?;
-        self.stats.granted += u64::from(reservation.granted);
-        self.stats.denied += u64::from(reservation.denied);
-        let written = retry::request_headers(policy, &plan, reservation.granted);
-        for (name, value) in &written {
-            let expected = match *name {
-                retry::MAX_RETRIES_HEADER => Some(reservation.granted.to_string()),
-                retry::HEDGE_HEADER
-                | retry::EXPECTED_TIMEOUT_HEADER
-                | retry::RETRIABLE_STATUS_CODES_HEADER
-                | retry::RETRIABLE_HEADER_NAMES_HEADER => None,
-                _ => value.clone(),
-            };
-            ensure(*value == expected, || {
-                format!("header {name} written as {value:?}, expected {expected:?}")
-            })?;
-        }
-        Ok((reservation, charge))
-    }
-
-    /// `settle_retries` of the glue: the router is done.
-    fn settle(&mut self, index: usize, reported: bool) -> Result<(), String> {
-        let now = self.now;
-        let Some(exchange) = self.pending.get_mut(index) else {
+        index: usize,
+        status: u64,
+        attempts: u64,
+        reported: bool,
+    ) -> Result<(), String> {
+        let clock = self.clock.get();
+        let Some(flight) = self.pending.get_mut(index) else {
             return Ok(());
         };
-        let Some((reservation, charge)) = exchange.reservation.take() else {
-            return Ok(());
-        };
-        let attempts = exchange.attempts.unwrap_or(1);
-        if let Some(charge) = &charge {
-            self.budget.executed(charge, attempts.saturating_sub(1));
-        }
-        if reservation.granted == 0 {
+        if flight.response.is_some() {
             return Ok(());
         }
-        let active = exchange.active.clone();
-        let Some((service, runtime)) = active.service(exchange.service) else {
-            return Ok(());
-        };
-        let (Some(policy), Some(key)) = (&service.retry, &runtime.retry) else {
-            return Ok(());
-        };
-        let property = reported.then_some(attempts);
-        self.store.take_writes();
-        let settled = shared::update(&self.store, key, |bytes| {
-            (
-                retry::settle(bytes, policy, now, &reservation, property),
-                (),
-            )
+        flight.response = Some(Answer {
+            clock,
+            status,
+            attempts,
+            reported,
         });
-        self.store.take_writes();
-        if settled.is_none() {
-            self.stats.lost_updates += 1;
+        let (worker, context) = (flight.worker, flight.context);
+        if let Some(charge) = flight.charge.take() {
+            self.budget.executed(&charge, attempts.saturating_sub(1));
         }
-        Ok(())
+        self.call_quietly(worker, |vm| {
+            vm.respond(context, status, reported.then_some(attempts));
+        })
     }
 
-    /// `on_http_response_headers`.
-    fn response(&mut self, index: usize, attempts: u64, reported: bool) -> Result<(), String> {
-        let now = self.now;
-        let Some(exchange) = self.pending.get_mut(index) else {
-            return Ok(());
-        };
-        if exchange.rejected || exchange.responded_ms.is_some() {
-            return Ok(());
-        }
-        exchange.responded_ms = Some(now);
-        exchange.attempts = Some(attempts);
-        self.settle(index, reported)
-    }
-
-    /// `on_log`.
+    /// `on_log` and `on_delete`. The outcome is evidence for its breaker's
+    /// trip oracle first if it could count against the cluster.
     fn end(
         &mut self,
-        mut exchange: Exchange,
+        flight: Flight,
         status: u64,
         flags: u64,
         attempts: u64,
         reported: bool,
     ) -> Result<(), String> {
-        let now = self.now;
-        let attempts = *exchange.attempts.get_or_insert(attempts);
-        // Settle first, as on_log does when no response headers came.
-        self.pending.push(exchange);
-        let last = self.pending.len() - 1;
-        self.settle(last, reported)?;
-        let Some(exchange) = self.pending.pop() else {
-            return Ok(());
-        };
-        if exchange.rejected {
-            return Ok(());
-        }
-        let property = if reported { attempts } else { 1 };
-        let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
-        let outcome = (property > 0 && (status != 0 || failed)).then(|| Outcome {
-            attempts: u32::try_from(property).unwrap_or(u32::MAX),
-            failed,
-            duration_ms: exchange
-                .responded_ms
-                .unwrap_or(now)
-                .saturating_sub(exchange.started_ms),
+        let now = self.clock.get();
+        // The facts the engine sees: the response's when one came.
+        let answer = flight.response.unwrap_or(Answer {
+            clock: now,
+            status,
+            attempts,
+            reported,
         });
-        self.record_breaker(&exchange, outcome)?;
-        if exchange.side == Side::Canary {
-            if let Some(outcome) = outcome {
-                self.record_rollout(&exchange.active, exchange.service, outcome.any_failure())?;
+        if let Some(charge) = &flight.charge {
+            self.budget
+                .executed(charge, answer.attempts.saturating_sub(1));
+        }
+        if let Some((key, slow_ms)) = &flight.breaker {
+            let failed =
+                (500..600).contains(&answer.status) || flags & breaker::UPSTREAM_FAILURE_FLAGS != 0;
+            let retried = answer.reported && answer.attempts > 1;
+            // Durations run from the start to the response or the end;
+            // with the clock stepped back, either way counts.
+            let slow = slow_ms.is_some_and(|threshold| {
+                [answer.clock, now]
+                    .iter()
+                    .any(|&clock| clock.abs_diff(flight.started_ms) >= threshold)
+            });
+            if failed || retried || slow {
+                self.breakers.evidence.insert(key.clone());
             }
         }
-        Ok(())
-    }
-
-    /// `Active::record_breaker` of the glue.
-    fn record_breaker(
-        &mut self,
-        exchange: &Exchange,
-        outcome: Option<Outcome>,
-    ) -> Result<(), String> {
-        let now = self.now;
-        let Some((service, runtime)) = exchange.active.service(exchange.service) else {
-            return Ok(());
+        let ending = Ending {
+            code: (status != 0).then_some(status),
+            flags,
+            attempts: reported.then_some(attempts),
         };
-        let (Some(config), Some(key)) = (
-            service.breaker.as_ref(),
-            runtime
-                .breakers
-                .get(side_index(exchange.side))
-                .and_then(Option::as_ref),
-        ) else {
-            return Ok(());
-        };
-        self.store.take_writes();
-        let transition = match outcome {
-            None => {
-                if let Some(token) = exchange.probe {
-                    if shared::update(&self.store, key, |bytes| {
-                        breaker::release(bytes, config, now, token)
-                    })
-                    .is_none()
-                    {
-                        self.stats.lost_updates += 1;
-                    }
-                }
-                None
-            }
-            Some(outcome) => {
-                let random = self.random(exchange.worker);
-                let result = shared::update(&self.store, key, |bytes| {
-                    breaker::record(bytes, config, now, outcome, exchange.probe, random)
-                });
-                if result.is_none() {
-                    self.stats.lost_updates += 1;
-                }
-                result.flatten()
-            }
-        };
-        let writes = self.store.take_writes();
-        check_breaker_writes(&writes, transition, config, now, &mut self.stats)
-    }
-
-    /// `Active::record_rollout` of the glue.
-    fn record_rollout(
-        &mut self,
-        active: &Active,
-        index: usize,
-        failed: bool,
-    ) -> Result<(), String> {
-        let now = self.now;
-        let Some((service, runtime)) = active.service(index) else {
-            return Ok(());
-        };
-        let (Some(config), Some(key)) = (service.rollout.as_ref(), runtime.rollout.as_ref()) else {
-            return Ok(());
-        };
-        self.store.take_writes();
-        let event = shared::update(&self.store, key, |bytes| {
-            rollout::record(bytes, config, now, failed)
-        });
-        let writes = self.store.take_writes();
-        check_rollout_writes(&writes, &mut self.stats)?;
-        if let Some(Some(event)) = event {
-            if event.is_rollback() {
-                self.rolled_back.insert(key.clone());
-            }
-        }
-        Ok(())
-    }
-
-    /// `Active::tick` of the glue.
-    fn tick(&mut self, worker: usize) -> Result<(), String> {
-        let Some(active) = self.workers.get(worker).cloned() else {
-            return Ok(());
-        };
-        let now = self.now;
-        for (service, runtime) in active.router.services().iter().zip(&active.runtimes) {
-            if let (Some(policy), Some(key)) = (&service.retry, &runtime.retry) {
-                let _ = retry::level(self.store.bytes(key).as_deref(), policy, now);
-            }
-            if let Some(config) = &service.breaker {
-                for key in runtime.breakers.iter().flatten() {
-                    let _ = breaker::state(self.store.bytes(key).as_deref(), config, now);
-                }
-            }
-            if let (Some(config), Some(key)) = (&service.rollout, &runtime.rollout) {
-                let bytes = self.store.bytes(key);
-                if rollout::due(bytes.as_deref(), config, now) {
-                    self.store.take_writes();
-                    let _ = shared::update(&self.store, key, |bytes| {
-                        rollout::advance(bytes, config, now)
-                    });
-                    let writes = self.store.take_writes();
-                    check_rollout_writes(&writes, &mut self.stats)?;
-                }
-                let view = rollout::view(self.store.bytes(key).as_deref(), config, now);
-                ensure(
-                    !self.rolled_back.contains(key)
-                        || matches!(view.state, RolloutState::RolledBack { .. }),
-                    || format!("rollout {key} rolled back, but the view is {view:?}"),
-                )?;
-            }
-        }
-        Ok(())
+        let context = flight.context;
+        self.call_quietly(flight.worker, |vm| {
+            vm.end(context, ending);
+            vm.forget(context);
+        })?;
+        self.check_streams(flight.worker)
     }
 }
