@@ -4,7 +4,7 @@
 //! a failing cluster would need eight times the evidence to trip, and eight
 //! sets of probes would hit it when it recovers. So the state lives in host
 //! shared data (one key per service and cluster, see `state_key`) and every
-//! change is a pure function from old bytes to new bytes that the glue runs
+//! change is a pure function from old bytes to new bytes that the engine runs
 //! under CAS with `shared::update`. Only the VM whose write lands gets the
 //! `Transition` back, so each state change is logged and counted exactly once
 //! per process.
@@ -26,9 +26,12 @@
 //! so the filter sees one request; `Outcome` turns what it knows at the end
 //! (attempts, final verdict, duration) into calls and failures.
 //!
-//! The request path costs one shared-data read at request start while the
-//! breaker is closed (`check` is read-only) and one CAS update at request
-//! end (`record`). Only a half-open probe takes a CAS at request start.
+//! What the request path pays is the engine's business (`engine::runtime`:
+//! a worker trusts a closed breaker's verdict for a while and holds its
+//! clean successes back); this module gives it the pieces: `check_run`, a
+//! read-only verdict; `admit_held`, the CAS a half-open probe needs at
+//! request start; `record_held`, one CAS booking a worker's held successes
+//! and a finished request; `release`, a probe slot given back.
 
 use crate::codec::{Fingerprint, Reader};
 use crate::decimal::{ppm_text, ratio_decimal, PPM};
@@ -204,7 +207,7 @@ impl fmt::Display for BreakerState {
     }
 }
 
-/// What the glue knows about a finished request.
+/// What the engine knows about a finished request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
     /// Upstream attempts made: 1 plus retries. 0 is read as 1.
@@ -267,22 +270,23 @@ pub struct ProbeToken {
     slot: u8,
 }
 
-/// The read-only verdict at request start (`check`).
+/// The read-only verdict at request start (`check_run`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// Closed: send the request, `record` it at the end with no probe.
+    /// Closed: send the request, book it at the end with no probe.
     Allowed,
     /// Turn the request away without writing anything.
     Rejected { retry_after_ms: u64 },
-    /// A probe slot may be free: run `admit` under `shared::update`.
+    /// A probe slot may be free: run `admit_held` under `shared::update`.
     TryProbe,
 }
 
-/// The verdict of `admit`.
+/// The verdict of `admit_held`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Allowed,
-    /// A half-open probe: keep the token, pass it to `record` (or `release`).
+    /// A half-open probe: keep the token, pass it to `record_held` (or
+    /// `release`).
     Probe(ProbeToken),
     Rejected {
         retry_after_ms: u64,
@@ -424,15 +428,10 @@ pub fn state(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Break
     }
 }
 
-/// Read-only admission at request start, on the bytes of one `get`. Only
-/// `TryProbe` needs a write (`admit` under CAS); the common closed case and
-/// an open breaker cost no write at all.
-pub fn check(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Check {
-    State::load(bytes, config, now_ms).check(config, now_ms)
-}
-
-/// `check`, and whether a run of failures is under way (the last outcome
-/// written was a failure). A worker that knows of one neither trusts a
+/// Read-only admission at request start, on the bytes of one `get`, and
+/// whether a run of failures is under way (the last outcome written was a
+/// failure). Only `Check::TryProbe` needs a write (`admit_held` under CAS);
+/// the common closed case and an open breaker cost no write at all. A worker that knows of one neither trusts a
 /// cached verdict nor holds its successes back: the breaker may be about to
 /// trip, and a success ends the run.
 pub fn check_run(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> (Check, bool) {
@@ -455,18 +454,6 @@ impl State {
             },
         }
     }
-}
-
-/// Admission with a write, for `shared::update`: moves an open breaker whose
-/// time has come to half-open, and takes a probe slot if one is free.
-pub fn admit(
-    bytes: Option<&[u8]>,
-    config: &BreakerConfig,
-    now_ms: u64,
-) -> (Vec<u8>, (Admission, Option<Transition>)) {
-    let mut state = State::load(bytes, config, now_ms);
-    let verdict = state.admit(config, now_ms);
-    (state.encode(), verdict)
 }
 
 impl State {
@@ -519,28 +506,6 @@ impl State {
         };
         (admission, transition)
     }
-}
-
-/// Records a finished request, for `shared::update`. `probe` is the token
-/// `admit` gave (None for a request admitted while closed); `random` a fresh
-/// random word, used for the open-time jitter when this trips the breaker.
-///
-/// While closed, the outcome goes into the window and may trip the breaker.
-/// While open, outcomes are ignored: they are requests admitted before the
-/// trip, and must not extend it. While half-open, only the outcome of a
-/// current probe counts; a request admitted before the trip tells nothing
-/// about the recovery the probes are testing.
-pub fn record(
-    bytes: Option<&[u8]>,
-    config: &BreakerConfig,
-    now_ms: u64,
-    outcome: Outcome,
-    probe: Option<ProbeToken>,
-    random: u64,
-) -> (Vec<u8>, Option<Transition>) {
-    let mut state = State::load(bytes, config, now_ms);
-    let transition = state.record(config, now_ms, outcome, probe, random);
-    (state.encode(), transition)
 }
 
 impl State {
@@ -656,7 +621,7 @@ impl PendingSuccesses {
 impl State {
     /// Books held successes. Only a closed breaker counts them: while open
     /// or half-open, a request admitted while closed decides nothing (as in
-    /// `record`). A bucket that has left the window is dropped.
+    /// `record_held`). A bucket that has left the window is dropped.
     fn run_under_way(&self) -> bool {
         self.consecutive > 0
     }
@@ -686,6 +651,15 @@ impl State {
 /// Books a worker's held successes, then (if any) a finished request, in
 /// one write; for `shared::update`. Also returns what `check_run` says of
 /// the written state, so the worker can cache it.
+///
+/// A finished request's `probe` is the token `admit_held` gave (None for a
+/// request admitted while closed); `random` a fresh random word, used for
+/// the open-time jitter when this trips the breaker. While closed, the
+/// outcome goes into the window and may trip the breaker. While open,
+/// outcomes are ignored: they are requests admitted before the trip, and
+/// must not extend it. While half-open, only the outcome of a current probe
+/// counts; a request admitted before the trip tells nothing about the
+/// recovery the probes are testing.
 pub fn record_held(
     bytes: Option<&[u8]>,
     config: &BreakerConfig,
@@ -705,7 +679,9 @@ pub fn record_held(
     (state.encode(), (transition, check, run))
 }
 
-/// `admit` after booking the worker's held successes: one write.
+/// Admission with a write, for `shared::update`, after booking the worker's
+/// held successes: moves an open breaker whose time has come to half-open,
+/// and takes a probe slot if one is free.
 pub fn admit_held(
     bytes: Option<&[u8]>,
     config: &BreakerConfig,
@@ -822,7 +798,7 @@ impl State {
     /// A stored time further ahead than any this code writes (open time
     /// above `max_open_ms`, lease above `PROBE_LEASE_MS`) is corrupt bytes
     /// or a clock stepped back; it is read as already passed. Clamping it to
-    /// "now + max" instead would not do: `check` never writes, so the clamp
+    /// "now + max" instead would not do: `check_run` never writes, so the clamp
     /// would be redone from every new "now" and the breaker never reopen.
     fn load(bytes: Option<&[u8]>, config: &BreakerConfig, now_ms: u64) -> Self {
         let Some(mut state) = bytes.and_then(Self::decode) else {

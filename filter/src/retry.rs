@@ -14,7 +14,7 @@
 //! of `min_per_s` per second so that a quiet service can still retry. Because
 //! the decision is made before any attempt, the filter cannot withdraw a token
 //! per retry as it happens; instead a request RESERVES its retries when it
-//! starts and gives back the unused ones when it ends (`settle`). Reserving is
+//! starts and gives back the unused ones when it ends (a `Settlement`). Reserving is
 //! what makes the bound exact: every retry the router may still make is
 //! already paid for, so however many requests are in flight when an upstream
 //! goes down, they cannot retry more than the balance allowed.
@@ -135,7 +135,7 @@ pub const DEFAULT_WINDOW_S: u32 = 10;
 pub const MAX_MIN_PER_S: u64 = 100_000;
 pub const MAX_WINDOW_S: u64 = 60;
 
-/// The request headers the filter owns; see `request_headers`.
+/// The request headers the filter owns; see `for_each_request_header`.
 pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
 pub const RETRY_GRPC_ON_HEADER: &str = "x-envoy-retry-grpc-on";
@@ -152,7 +152,7 @@ pub const RETRIABLE_STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes"
 pub const RETRIABLE_HEADER_NAMES_HEADER: &str = "x-envoy-retriable-header-names";
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
-/// The request headers the filter writes (see `request_headers`): the
+/// The request headers the filter writes (see `for_each_request_header`): the
 /// deadline cannot be read from any of them.
 pub(crate) const OWNED_HEADERS: [&str; 9] = [
     MAX_RETRIES_HEADER,
@@ -285,7 +285,7 @@ fn trim_ows(bytes: &[u8]) -> &[u8] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     /// Retries wanted: the policy's, cut by the deadline. The budget may
-    /// grant fewer; pass this to `reserve` as `wanted`.
+    /// grant fewer; pass this to `reserve_settling` as `wanted`.
     pub max_retries: u32,
     /// For `x-envoy-upstream-rq-timeout-ms`; `None`: remove the header.
     pub timeout_ms: Option<u64>,
@@ -322,28 +322,11 @@ pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
     }
 }
 
-/// Every request header the filter owns, with the value to write, or `None`
-/// to remove it. Apply ALL of them to every request of the service: the
-/// client's values must never reach the router, whatever they say.
-pub fn request_headers(
-    policy: &RetryPolicy,
-    plan: &Plan,
-    granted: u32,
-) -> [(&'static str, Option<String>); 9] {
-    let mut headers: [(&'static str, Option<String>); 9] = Default::default();
-    let mut slots = headers.iter_mut();
-    for_each_request_header(policy, plan, granted, |name, value| {
-        if let Some(slot) = slots.next() {
-            *slot = (name, value.map(|v| String::from_utf8_lossy(v).into_owned()));
-        }
-    });
-    headers
-}
-
-/// The owned headers without allocating, for the request path: calls
+/// Every request header the filter owns, without allocating: calls
 /// `write(name, value)` for each of the nine (`None`: remove it), numbers
-/// written into a stack buffer and the policy's lists borrowed.
-/// `request_headers` collects the same calls.
+/// written into a stack buffer and the policy's lists borrowed. Apply ALL
+/// of them to every request of the service: the client's values must never
+/// reach the router, whatever they say.
 pub fn for_each_request_header(
     policy: &RetryPolicy,
     plan: &Plan,
@@ -626,17 +609,6 @@ impl Reservation {
     }
 }
 
-/// Deposits the request and reserves up to `wanted` retries (see the module
-/// documentation for the cushion). Pure: give it to `shared::update`.
-pub fn reserve(
-    bytes: Option<&[u8]>,
-    policy: &RetryPolicy,
-    now_ms: u64,
-    wanted: u32,
-) -> (Vec<u8>, Reservation) {
-    reserve_settling(bytes, policy, now_ms, wanted, &[])
-}
-
 impl BudgetState {
     fn reserve(&mut self, budget: &Budget, wanted: u32) -> Reservation {
         let second = self.head;
@@ -708,7 +680,9 @@ impl BudgetState {
 }
 
 /// Settles the worker's finished requests, then deposits this request and
-/// reserves up to `wanted` retries for it: one write for all of them.
+/// reserves up to `wanted` retries for it (see the module documentation for
+/// the cushion): one write for all of them. Pure: give it to
+/// `shared::update`.
 ///
 /// A worker does not write each settlement as it happens: a write is two
 /// host calls and a copy, as much as the rest of the request. It keeps them
@@ -735,6 +709,13 @@ pub fn reserve_settling(
 
 /// Settles finished requests with no reservation to make (a tick, or a
 /// worker that keeps too many). Pure: give it to `shared::update`.
+///
+/// A settlement gives the retries the router did not use back to the slot
+/// they were taken from, if that slot (of the same state) is still in the
+/// window. The router is done when the response headers reach the filter
+/// (it never retries after passing them on); `attempts_made` is
+/// `upstream.request_attempt_count`, and when it is unknown nothing is
+/// refunded. A reservation with nothing granted needs no settling.
 pub fn settle_all(
     bytes: Option<&[u8]>,
     policy: &RetryPolicy,
@@ -746,31 +727,6 @@ pub fn settle_all(
         state.settle(settlement);
     }
     state.encode()
-}
-
-/// Settles one reservation once the router is done with the request: the
-/// retries it did not use go back to the slot they were taken from, if that
-/// slot (of the same state) is still in the window. The router is done when
-/// the response headers reach the filter (it never retries after passing
-/// them on). `attempts_made` is `upstream.request_attempt_count`; when
-/// unknown, nothing is refunded. Pure: give it to `shared::update`. A
-/// reservation with nothing granted needs no settling.
-pub fn settle(
-    bytes: Option<&[u8]>,
-    policy: &RetryPolicy,
-    now_ms: u64,
-    reservation: &Reservation,
-    attempts_made: Option<u64>,
-) -> Vec<u8> {
-    settle_all(
-        bytes,
-        policy,
-        now_ms,
-        &[Settlement {
-            reservation: *reservation,
-            attempts_made,
-        }],
-    )
 }
 
 /// Whole tokens available now (the gauge).
@@ -831,7 +787,7 @@ mod tests {
     #[test]
     fn the_state_round_trips_and_stays_compact() {
         let policy = RetryPolicy::default();
-        let (bytes, _) = reserve(None, &policy, T0, 2);
+        let (bytes, _) = reserve_settling(None, &policy, T0, 2, &[]);
         let state = BudgetState::decode(Some(&bytes), &policy.budget, T0);
         assert_eq!(state.encode(), bytes);
         assert_eq!(bytes.len(), HEADER_LEN + SLOT_LEN * 10);
@@ -847,7 +803,7 @@ mod tests {
         let policy = RetryPolicy::default();
         let mut bytes = Vec::new();
         for second in 0..10u64 {
-            bytes = reserve(Some(&bytes), &policy, T0 + second * 1000, 0).0;
+            bytes = reserve_settling(Some(&bytes), &policy, T0 + second * 1000, 0, &[]).0;
         }
         let mut state = BudgetState::decode(Some(&bytes), &policy.budget, T0 + 9_000);
         assert_eq!(

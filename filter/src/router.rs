@@ -41,9 +41,9 @@ type HostTable = HashMap<Box<[u8]>, Vec<usize>, BuildHasherDefault<HostHasher>>;
 /// Hosts longer than a DNS name can be are not looked up label by label.
 const MAX_HOST_LEN: usize = 253;
 
-/// Request headers as the router reads them. The filter's implementation asks
-/// the host for one header at a time and caches it, so only the headers the
-/// config needs cross the ABI.
+/// Request headers as the router reads them. The engine's implementation
+/// looks them up in the one buffer of every request header it read from the
+/// host (`pairs::HeaderPairs`), so a rule costs no host call.
 pub trait RequestHeaders {
     /// The first value of a header (lower-case name), if present.
     fn header(&mut self, name: &str) -> Option<&[u8]>;

@@ -8,14 +8,48 @@
 )]
 
 use sluice::breaker::{
-    self, admit, check, is_failure, open_duration, record, release, retry_after_seconds, state,
-    Admission, BreakerConfig, BreakerState, Check, Outcome, ProbeToken, Reason, Transition,
-    PROBES_BUSY_RETRY_MS, PROBE_LEASE_MS,
+    self, admit_held, check_run, is_failure, open_duration, record_held, release,
+    retry_after_seconds, state, Admission, BreakerConfig, BreakerState, Check, Outcome,
+    PendingSuccesses, ProbeToken, Reason, Transition, PROBES_BUSY_RETRY_MS, PROBE_LEASE_MS,
 };
 use sluice::config::Config;
 use sluice::shared::{ensure, update, CasMismatch, MemoryStore, SharedStore};
 use sluice::sticky::Rng;
 use std::cell::RefCell;
+
+/// The verdict at request start, without the run flag.
+fn check(bytes: Option<&[u8]>, config: &BreakerConfig, now: u64) -> Check {
+    check_run(bytes, config, now).0
+}
+
+/// A probe admission with no held successes to book.
+fn admit(
+    bytes: Option<&[u8]>,
+    config: &BreakerConfig,
+    now: u64,
+) -> (Vec<u8>, (Admission, Option<Transition>)) {
+    admit_held(bytes, config, now, &PendingSuccesses::new())
+}
+
+/// One finished request booked on its own.
+fn record(
+    bytes: Option<&[u8]>,
+    config: &BreakerConfig,
+    now: u64,
+    outcome: Outcome,
+    probe: Option<ProbeToken>,
+    random: u64,
+) -> (Vec<u8>, Option<Transition>) {
+    let (bytes, (transition, _, _)) = record_held(
+        bytes,
+        config,
+        now,
+        &PendingSuccesses::new(),
+        Some((outcome, probe)),
+        random,
+    );
+    (bytes, transition)
+}
 
 const T0: u64 = 1_795_000_000_000;
 

@@ -458,15 +458,19 @@ fn a_recreated_budget_state_takes_no_refund_from_its_predecessor() {
     };
     let t0 = lifecycle::T0;
     let fresh = retry::fresh_state(&policy, t0);
-    let (bytes, old) = retry::reserve(Some(&fresh), &policy, t0 + 10_000, 10);
+    let (bytes, old) = retry::reserve_settling(Some(&fresh), &policy, t0 + 10_000, 10, &[]);
     assert_eq!(old.granted, 10);
     // The clock steps back to t0: the state is recreated.
-    let (bytes, _) = retry::reserve(Some(&bytes), &policy, t0, 10);
+    let (bytes, _) = retry::reserve_settling(Some(&bytes), &policy, t0, 10, &[]);
     // Forward again, into the old reservation's second: the reserve is spent.
-    let (bytes, spent) = retry::reserve(Some(&bytes), &policy, t0 + 10_000, 10);
+    let (bytes, spent) = retry::reserve_settling(Some(&bytes), &policy, t0 + 10_000, 10, &[]);
     assert_eq!(spent.granted, 10);
     // The old request made one attempt; its refund must not reach this state.
-    let bytes = retry::settle(Some(&bytes), &policy, t0 + 10_000, &old, Some(1));
-    let (_, after) = retry::reserve(Some(&bytes), &policy, t0 + 10_000, 10);
+    let settlement = retry::Settlement {
+        reservation: old,
+        attempts_made: Some(1),
+    };
+    let bytes = retry::settle_all(Some(&bytes), &policy, t0 + 10_000, &[settlement]);
+    let (_, after) = retry::reserve_settling(Some(&bytes), &policy, t0 + 10_000, 10, &[]);
     assert_eq!(after.granted, 0, "{after:?}");
 }

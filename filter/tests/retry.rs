@@ -10,12 +10,51 @@
 
 use sluice::config::Config;
 use sluice::retry::{
-    budget_key, client_deadline_ms, dry_warning_due, fresh_state, level, plan, request_headers,
-    reserve, settle, BudgetState, Plan, Reservation, RetryPolicy, TOKEN,
+    budget_key, client_deadline_ms, dry_warning_due, for_each_request_header, fresh_state, level,
+    plan, reserve_settling, settle_all, BudgetState, Plan, Reservation, RetryPolicy, Settlement,
+    TOKEN,
 };
 use sluice::shared::{ensure, MemoryStore, SharedStore, MAX_CAS_ATTEMPTS};
 use sluice::sticky::Rng;
 use std::collections::{BTreeMap, VecDeque};
+
+/// A reservation with no settlements carried.
+fn reserve(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now: u64,
+    wanted: u32,
+) -> (Vec<u8>, Reservation) {
+    reserve_settling(bytes, policy, now, wanted, &[])
+}
+
+/// One reservation settled on its own.
+fn settle(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now: u64,
+    reservation: &Reservation,
+    attempts_made: Option<u64>,
+) -> Vec<u8> {
+    let settlement = Settlement {
+        reservation: *reservation,
+        attempts_made,
+    };
+    settle_all(bytes, policy, now, &[settlement])
+}
+
+/// The nine owned headers as the engine writes them (`None`: removed).
+fn request_headers(
+    policy: &RetryPolicy,
+    plan: &Plan,
+    granted: u32,
+) -> Vec<(&'static str, Option<String>)> {
+    let mut headers = Vec::new();
+    for_each_request_header(policy, plan, granted, |name, value| {
+        headers.push((name, value.map(|v| String::from_utf8_lossy(v).into_owned())));
+    });
+    headers
+}
 
 const T0: u64 = 1_700_000_000_000;
 
