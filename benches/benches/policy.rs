@@ -1,15 +1,16 @@
-//! Criterion, native: Sluice's policy core per request.
+//! Criterion, native: the engine that ships (`sluice::engine::Worker`) per
+//! request, over `sluice::testing::FakeHost` (`sluice_benches::driver`).
 //!
-//! `lifecycle/s<S>_r<R>`: one request through the glue's sequence
-//! (`sluice_benches::native`: match the service, evaluate the rules, sticky
-//! hash, breaker check, budget reserve and retry headers; settle at the
-//! response; breaker record at the end) for S ∈ {1, 10, 100} services and
-//! R ∈ {1, 10, 50} rules. The request goes to the LAST service and matches
-//! no rule, so a scan over services or rules would show.
+//! `lifecycle/s<S>_r<R>`: one whole request as Envoy calls it (context
+//! create, request headers, response headers 200 after 1 attempt, log,
+//! delete; the root's tick every 250 ms of the clock) for S ∈ {1, 10, 100}
+//! services and R ∈ {1, 10, 50} rules. The request goes to the LAST service
+//! and matches no rule, so a scan over services or rules would show.
 //!
 //! `find_service/s<S>`: the host lookup alone, up to 1000 services.
-//! `realistic/*`: the realistic config (benches/config/sluice.json), whole
-//! and in parts.
+//! `realistic/*`: the realistic config (benches/config/sluice.json): the
+//! whole request, the same through `testing::Vm` (harness comparison), the
+//! same after a million requests, and pure functions of the request path.
 //!
 //! cargo bench -p sluice-benches --bench policy
 #![allow(
@@ -20,41 +21,47 @@
 )]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sluice::breaker::{self, Outcome};
 use sluice::config::Config;
-use sluice::pairs::HeaderPairs;
-use sluice::retry;
+use sluice::engine::HeadersAction;
+use sluice::pairs::{self, HeaderPairs};
 use sluice::router::{RequestHeaders, Router};
-use sluice::shared::{self, MemoryStore, SharedStore};
-use sluice_benches::native::{Native, Request, Written};
+use sluice::testing::{FaultyStore, Vm};
+use sluice_benches::driver::{Driver, Prepared, T0};
 use sluice_benches::workload::{
-    pairs, request_headers, scaled_config, scaled_host, scaled_request, user, REALISTIC_CONFIG,
-    USERS,
+    request_headers, scaled_config, scaled_host, scaled_request, user, REALISTIC_CONFIG, USERS,
 };
+use std::cell::Cell;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::time::Duration;
 
-const T0: u64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z, ms
-
 /// Requests for `USERS` users (sticky keys), built once.
-fn requests(build: impl Fn(&str) -> Vec<(String, String)>) -> Vec<Request> {
+fn requests(build: impl Fn(&str) -> Vec<(String, String)>) -> Vec<Prepared> {
     (0..USERS)
-        .map(|n| Request::new(&pairs(&build(&user(n)))))
+        .map(|n| Prepared::new(&build(&user(n))))
         .collect()
 }
 
 /// Runs lifecycles round-robin over the users, the clock moving 1 ms per
-/// request (1000 requests a second: budget and breaker windows roll).
-fn bench_lifecycle(native: &mut Native, requests: &[Request], b: &mut criterion::Bencher<'_>) {
-    let mut written: Written = Vec::with_capacity(16);
+/// request (1000 requests a second: budget and breaker windows roll, the
+/// root ticks every 250 requests).
+fn bench_lifecycle(driver: &mut Driver, requests: &mut [Prepared], b: &mut criterion::Bencher<'_>) {
     let mut n = 0usize;
-    let mut now = T0;
     b.iter(|| {
         n = (n + 1) % requests.len();
-        now += 1;
-        let side = native.lifecycle(&requests[n], now, &mut written);
-        black_box((side, written.len()))
+        driver.advance(1);
+        black_box(driver.lifecycle(&mut requests[n], 200, 1))
     });
+}
+
+/// Asserts the request is routed (the steering header set), not unmatched.
+fn assert_routed(driver: &mut Driver, request: &mut Prepared, steering_header: &str) {
+    let mut cluster = None;
+    let action = driver.lifecycle_inspect(request, 200, 1, |state| {
+        cluster = state.header(steering_header).map(<[u8]>::to_vec);
+    });
+    assert_eq!(action, HeadersAction::Continue);
+    assert!(cluster.is_some(), "the request was not routed");
 }
 
 fn lifecycle(c: &mut Criterion) {
@@ -62,16 +69,13 @@ fn lifecycle(c: &mut Criterion) {
     for services in [1usize, 10, 100] {
         for rules in [1usize, 10, 50] {
             let config = scaled_config(services, rules);
-            let mut native = Native::new(config.as_bytes(), T0).unwrap();
+            let mut driver = Driver::new(config.as_bytes(), 1);
             let last = services - 1;
-            let requests = requests(|u| scaled_request(last, u));
-            // The request must be routed (not unmatched) for the bench to mean anything.
-            assert!(native
-                .lifecycle(&requests[0], T0, &mut Vec::new())
-                .is_some());
+            let mut requests = requests(|u| scaled_request(last, u));
+            assert_routed(&mut driver, &mut requests[0], "x-sluice-cluster");
             group.bench_function(
                 BenchmarkId::from_parameter(format!("s{services}_r{rules}")),
-                |b| bench_lifecycle(&mut native, &requests, b),
+                |b| bench_lifecycle(&mut driver, &mut requests, b),
             );
         }
     }
@@ -96,7 +100,7 @@ fn find_service(c: &mut Criterion) {
 }
 
 /// Headers for `Router::decide`, read in place from the pairs buffer like
-/// the glue's `RequestView`.
+/// the engine's `RequestView`.
 struct Plain<'a>(HeaderPairs<'a>);
 
 impl RequestHeaders for Plain<'_> {
@@ -105,37 +109,80 @@ impl RequestHeaders for Plain<'_> {
     }
 }
 
+/// A request's headers as the pairs buffer the host returns.
+fn pairs_buffer(headers: &[(String, String)]) -> Vec<u8> {
+    let pairs: Vec<(&[u8], &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
+        .collect();
+    pairs::serialize(&pairs)
+}
+
 fn realistic(c: &mut Criterion) {
     let mut group = c.benchmark_group("realistic");
-    let mut native = Native::new(REALISTIC_CONFIG.as_bytes(), T0).unwrap();
-    let requests = requests(request_headers);
-    group.bench_function("lifecycle", |b| bench_lifecycle(&mut native, &requests, b));
-    // The same after a million requests and 1000 s of uptime (budget and
-    // breaker windows rolled over a hundred times): history must not cost.
-    let mut old = Native::new(REALISTIC_CONFIG.as_bytes(), T0).unwrap();
-    let mut written: Written = Vec::new();
-    for n in 0..1_000_000u64 {
-        old.lifecycle(&requests[n as usize % requests.len()], T0 + n, &mut written);
+    let mut driver = Driver::new(REALISTIC_CONFIG.as_bytes(), 1);
+    let mut requests = requests(request_headers);
+    assert_routed(&mut driver, &mut requests[0], "x-sluice-cluster");
+    // The host calls behind the times below (the table by path:
+    // `cargo run --release -p sluice-bench-tools --bin sluice-native-crossings`).
+    let before = driver.host().crossings.get();
+    for request in &mut requests {
+        driver.advance(1);
+        driver.lifecycle(request, 200, 1);
     }
-    group.bench_function("lifecycle_after_1M_requests", |b| {
+    let per_request = (driver.host().crossings.get() - before) as f64 / USERS as f64;
+    println!(
+        "realistic: {per_request:.2} host calls per request (FakeHost::crossings, mean of {USERS} \
+         requests, ticks spread, log lines not counted)"
+    );
+    group.bench_function("lifecycle", |b| {
+        bench_lifecycle(&mut driver, &mut requests, b)
+    });
+
+    // The same requests through `testing::Vm`, which builds each stream's
+    // headers from string pairs: what `Driver` saves of harness.
+    let clock = Rc::new(Cell::new(T0));
+    let mut vm = Vm::new(Rc::new(FaultyStore::default()), Rc::clone(&clock), 1);
+    assert!(vm.configure(REALISTIC_CONFIG.as_bytes()));
+    let plain: Vec<Vec<(String, String)>> = (0..USERS).map(|n| request_headers(&user(n))).collect();
+    group.bench_function("lifecycle_via_vm", |b| {
         let mut n = 0usize;
-        let mut now = T0 + 1_000_000;
+        let mut next_tick = clock.get();
         b.iter(|| {
-            n = (n + 1) % requests.len();
-            now += 1;
-            black_box(old.lifecycle(&requests[n], now, &mut written))
+            n = (n + 1) % plain.len();
+            clock.set(clock.get() + 1);
+            if clock.get() >= next_tick {
+                vm.tick();
+                next_tick = clock.get() + u64::from(sluice::engine::TICK_MS);
+                vm.host.events.borrow_mut().clear();
+                drop(vm.host.store.take_writes());
+            }
+            black_box(vm.exchange(&plain[n], 200, 1))
         })
     });
 
-    // The parts, each on its own.
+    // The same after a million requests and 1000 s of uptime (budget and
+    // breaker windows rolled over a hundred times): history must not cost.
+    let mut old = Driver::new(REALISTIC_CONFIG.as_bytes(), 2);
+    for n in 0..1_000_000usize {
+        old.advance(1);
+        old.lifecycle(&mut requests[n % USERS], 200, 1);
+    }
+    group.bench_function("lifecycle_after_1M_requests", |b| {
+        bench_lifecycle(&mut old, &mut requests, b)
+    });
+
+    // Pure functions of the request path, each on its own.
     let config = Config::parse(REALISTIC_CONFIG.as_bytes()).unwrap();
-    let service = config.services[0].clone();
     let router = Router::new(config);
+    let buffers: Vec<Vec<u8>> = (0..USERS)
+        .map(|n| pairs_buffer(&request_headers(&user(n))))
+        .collect();
     let mut n = 0usize;
     group.bench_function("find_service+decide", |b| {
         b.iter(|| {
-            n = (n + 1) % requests.len();
-            let pairs = requests[n].view();
+            n = (n + 1) % buffers.len();
+            let pairs = HeaderPairs::new(&buffers[n]);
             let index = router
                 .find_service(pairs.get(":authority"), pairs.get(":path"))
                 .unwrap();
@@ -156,52 +203,6 @@ fn realistic(c: &mut Criterion) {
     });
     group.bench_function("sticky_bucket", |b| {
         b.iter(|| sluice::sticky::bucket(b"shop", black_box(b"user-123")))
-    });
-
-    let policy = service.retry.clone().unwrap();
-    let store = MemoryStore::default();
-    let key = retry::budget_key(&service.name, &policy);
-    shared::ensure(&store, &key, &retry::fresh_state(&policy, T0));
-    let mut now = T0;
-    group.bench_function("retry_reserve+headers+settle", |b| {
-        b.iter(|| {
-            now += 1;
-            let plan = retry::plan(&policy, None);
-            let reservation = shared::update(&store, &key, |bytes| {
-                retry::reserve(bytes, &policy, now, plan.max_retries)
-            })
-            .unwrap();
-            let headers = retry::request_headers(&policy, &plan, reservation.granted);
-            shared::update(&store, &key, |bytes| {
-                (
-                    retry::settle(bytes, &policy, now, &reservation, Some(1)),
-                    (),
-                )
-            });
-            black_box(headers)
-        })
-    });
-
-    let config = service.breaker.clone().unwrap();
-    let store = MemoryStore::default();
-    let key = breaker::state_key(&service.name, &service.stable, &config);
-    shared::ensure(&store, &key, &breaker::initial());
-    let mut now = T0;
-    group.bench_function("breaker_check+record", |b| {
-        b.iter(|| {
-            now += 1;
-            let bytes = store.get(&key).map(|(bytes, _)| bytes);
-            let check = breaker::check(bytes.as_deref(), &config, now);
-            let outcome = Outcome {
-                attempts: 1,
-                failed: false,
-                duration_ms: 1,
-            };
-            let transition = shared::update(&store, &key, |bytes| {
-                breaker::record(bytes, &config, now, outcome, None, now)
-            });
-            black_box((check, transition))
-        })
     });
     group.finish();
 }

@@ -2,8 +2,12 @@
 //!
 //! * [`workload`]: the realistic config and requests every benchmark shares,
 //!   and the scaled configs of the native benchmark.
-//! * [`native`]: the filter glue's per-request sequence, natively (the
-//!   policy core without host calls), for `benches/policy.rs`.
+//! * [`driver`]: the engine that ships (`sluice::engine::Worker`) over
+//!   `sluice::testing::FakeHost`, one request at a time as Envoy calls it,
+//!   for `benches/policy.rs`.
+//! * [`crossings`]: the engine's host calls per request, by path, counted
+//!   natively (`FakeHost::crossings`), for `sluice-native-crossings`
+//!   (`benches/tools`).
 //! * [`instrument`]: rewrites a proxy-wasm module so that every ABI
 //!   crossing logs itself, for counting host calls per request in
 //!   `benches/lifecycle.rs`.
@@ -17,6 +21,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod crossings;
+pub mod driver;
 pub mod instrument;
-pub mod native;
 pub mod workload;
