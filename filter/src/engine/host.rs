@@ -2,8 +2,9 @@
 //!
 //! In Envoy every call here is a crossing between the proxy and the VM
 //! (about a microsecond each, `benches/hostcalls.sh`), so the engine asks
-//! lazily: only when it needs the answer, never twice for the same fact in
-//! one callback. The shell implements this trait over the raw proxy-wasm
+//! lazily: only when it needs the answer, and on the common path never
+//! twice for the same fact in one callback (`benches/results/
+//! native-crossings.md` counts every path). The shell implements this trait over the raw proxy-wasm
 //! calls; native tests, the fuzzer and the benchmarks implement it over
 //! plain memory. Calls that act on a request (headers, properties, local
 //! replies) act on the stream the host is calling back for, as in Envoy.

@@ -496,7 +496,7 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
             outcome,
             exchange.probe,
         );
-        if exchange.side == Side::Canary {
+        if exchange.side == Side::Canary && runtime.has_rollout() {
             if let Some(outcome) = outcome {
                 active.record_rollout(host, service, runtime, host.now_ms(), outcome.any_failure());
             }
