@@ -4,7 +4,8 @@
 //!
 //! - `FaultyStore`: Envoy's shared-data rules (`shared::MemoryStore`), plus
 //!   CAS races lost on demand and a log of every write, so an oracle can
-//!   check each state change against what the engine reported.
+//!   check each state change against what the engine reported;
+//!   `Interleaved`: another writer slipped in between a read and its write.
 //! - `FakeHost`: one VM's view of the host: the shared store and clock
 //!   (both shared with the other simulated VMs), its own randomness, the
 //!   state of each stream (request headers as the filter left them,
@@ -77,6 +78,38 @@ impl SharedStore for FaultyStore {
             new: value.to_vec(),
         });
         Ok(())
+    }
+}
+
+/// A store in which another writer runs between a `get` and the `set` that
+/// follows it, once: the interleaving CAS exists to survive. `meddle` is
+/// that other writer (it writes to `inner` itself).
+pub struct Interleaved<'a, S: SharedStore> {
+    pub inner: &'a S,
+    meddle: RefCell<Option<Box<dyn FnOnce() + 'a>>>,
+}
+
+impl<'a, S: SharedStore> Interleaved<'a, S> {
+    pub fn new(inner: &'a S, meddle: impl FnOnce() + 'a) -> Self {
+        Interleaved {
+            inner,
+            meddle: RefCell::new(Some(Box::new(meddle))),
+        }
+    }
+}
+
+impl<S: SharedStore> SharedStore for Interleaved<'_, S> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let found = self.inner.get(key);
+        let meddle = self.meddle.borrow_mut().take();
+        if let Some(meddle) = meddle {
+            meddle();
+        }
+        found
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        self.inner.set(key, value, cas)
     }
 }
 

@@ -13,8 +13,9 @@ use sluice::breaker::{
     PendingSuccesses, ProbeToken, Reason, Transition, PROBES_BUSY_RETRY_MS, PROBE_LEASE_MS,
 };
 use sluice::config::Config;
-use sluice::shared::{ensure, update, CasMismatch, MemoryStore, SharedStore};
+use sluice::shared::{ensure, update, MemoryStore, SharedStore};
 use sluice::sticky::Rng;
+use sluice::testing::Interleaved;
 use std::cell::RefCell;
 
 /// The verdict at request start, without the run flag.
@@ -903,27 +904,6 @@ fn leaked_probe_slots_expire() {
     assert_eq!(closed.to, BreakerState::Closed);
 }
 
-/// A store in which another worker writes between a `get` and the `set`
-/// that follows it, once: the interleaving CAS exists to survive.
-struct Interleaved<'a> {
-    inner: &'a MemoryStore,
-    meddler: RefCell<Option<Box<dyn FnOnce() + 'a>>>,
-}
-
-impl SharedStore for Interleaved<'_> {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        let found = self.inner.get(key);
-        if let Some(meddle) = self.meddler.borrow_mut().take() {
-            meddle();
-        }
-        found
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
-        self.inner.set(key, value, cas)
-    }
-}
-
 #[test]
 fn only_the_worker_whose_write_trips_the_breaker_reports_it() {
     let settings = config(r#"{"consecutive_failures": 3}"#);
@@ -935,12 +915,9 @@ fn only_the_worker_whose_write_trips_the_breaker_reports_it() {
     // Both now finish a failure that would be the third in a row. A read the
     // state first, then B's write landed, so A's write is refused and redone.
     let b_result = RefCell::new(None);
-    let meddling = Interleaved {
-        inner: &store,
-        meddler: RefCell::new(Some(Box::new(|| {
-            *b_result.borrow_mut() = Some(b.end(T0 + 1, fail(), None));
-        }))),
-    };
+    let meddling = Interleaved::new(&store, || {
+        *b_result.borrow_mut() = Some(b.end(T0 + 1, fail(), None));
+    });
     let a_via_meddling = Worker {
         store: &meddling,
         key: a.key.clone(),
@@ -972,12 +949,7 @@ fn racing_workers_share_the_probe_slots() {
     // Both saw "try a probe"; B's admit lands between A's read and write.
     assert_eq!(check(a.bytes().as_deref(), &settings, due), Check::TryProbe);
     let b_result = RefCell::new(None);
-    let meddling = Interleaved {
-        inner: &store,
-        meddler: RefCell::new(Some(Box::new(|| {
-            *b_result.borrow_mut() = Some(b.start(due))
-        }))),
-    };
+    let meddling = Interleaved::new(&store, || *b_result.borrow_mut() = Some(b.start(due)));
     let a_result = update(&meddling, &a.key, |bytes| admit(bytes, &settings, due)).unwrap();
     drop(meddling);
     let (b_admission, b_transition) = b_result.into_inner().unwrap();

@@ -12,7 +12,8 @@ use sluice::rollout::{
     self, advance, due, initial, record, view, RolloutConfig, RolloutEvent, RolloutState,
     RolloutView,
 };
-use sluice::shared::{ensure, update, CasMismatch, MemoryStore, SharedStore};
+use sluice::shared::{ensure, update, MemoryStore, SharedStore};
+use sluice::testing::Interleaved;
 use std::cell::RefCell;
 
 /// 1_795_000_000 s, the documented example's start.
@@ -531,27 +532,6 @@ fn nothing_is_counted_before_the_start() {
     assert!(!due(worker.bytes().as_deref(), &settings, START - 1));
 }
 
-/// A store in which another worker writes between a `get` and the `set`
-/// that follows it, once.
-struct Interleaved<'a> {
-    inner: &'a MemoryStore,
-    meddler: RefCell<Option<Box<dyn FnOnce() + 'a>>>,
-}
-
-impl SharedStore for Interleaved<'_> {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        let found = self.inner.get(key);
-        if let Some(meddle) = self.meddler.borrow_mut().take() {
-            meddle();
-        }
-        found
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
-        self.inner.set(key, value, cas)
-    }
-}
-
 #[test]
 fn only_the_worker_whose_write_rolls_back_reports_it() {
     let settings = config(EXAMPLE);
@@ -561,12 +541,9 @@ fn only_the_worker_whose_write_rolls_back_reports_it() {
     a.traffic(START, 2, 2);
     // Both finish a failed canary request; B's write lands between A's read and write.
     let b_event = RefCell::new(None);
-    let meddling = Interleaved {
-        inner: &store,
-        meddler: RefCell::new(Some(Box::new(|| {
-            *b_event.borrow_mut() = Some(b.record(START, true))
-        }))),
-    };
+    let meddling = Interleaved::new(&store, || {
+        *b_event.borrow_mut() = Some(b.record(START, true))
+    });
     let a_event = update(&meddling, &a.key, |bytes| {
         record(bytes, &settings, START, true)
     })
