@@ -124,7 +124,10 @@ pub(crate) struct HttpCtx {
     pub(crate) root_id: u32,
     pub(crate) created: bool,
     pub(crate) destroyed: bool,
+    /// Monotonic start (for `request.duration`).
     pub(crate) start_ns: u64,
+    /// Wall-clock start (`request.time`).
+    pub(crate) start_wall_ns: u64,
     pub(crate) end_of_stream: bool,
     pub(crate) access_log: bool,
     pub(crate) request_headers: Option<HeaderMap>,
@@ -154,6 +157,15 @@ pub(crate) struct HttpCtx {
     pub(crate) filter_state: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) attributes: HashMap<Vec<u8>, PropertyValue>,
     pub(crate) route_cache_clears: u32,
+    /// Envoy's router made an upstream request (the request headers went
+    /// past this filter, or an upstream answered).
+    pub(crate) forwarded: bool,
+    /// The filter got the response headers (or the stream ended): the
+    /// router makes no more attempts and the response code is known, so
+    /// the test may no longer change them.
+    pub(crate) response_facts_fixed: bool,
+    /// `proxy_on_log` ran: nothing about the stream may change any more.
+    pub(crate) logged: bool,
 }
 
 pub(crate) enum CtxKind {
@@ -207,7 +219,7 @@ pub(crate) struct HostState {
     pub(crate) next_http_call_id: u32,
     pub(crate) call_response: Option<CallResponse>,
     pub(crate) failed: Option<TrapInfo>,
-    /// State of the deterministic `random_get`.
+    /// State of this VM's `random_get` generator (seeded per VM and per run).
     pub(crate) rng: u64,
 }
 
@@ -306,8 +318,13 @@ impl HostState {
             (b"response", Some(field)) => {
                 response_attribute(h, response_headers, field, segments.get(2).copied())
             }
-            // UpstreamWrapper: attemptCount().value_or(0), a CEL uint.
-            (b"upstream", Some(b"request_attempt_count")) => Some(PropertyValue::Uint(0)),
+            // UpstreamWrapper: attemptCount().value_or(0), a CEL uint. The
+            // router sets it to 1 when it creates the first upstream request
+            // (`UpstreamRequest` / `Filter::onRequestComplete`), and counts
+            // every retry; a test sets retries with `set_attempt_count`.
+            (b"upstream", Some(b"request_attempt_count")) => {
+                Some(PropertyValue::Uint(u64::from(h.forwarded)))
+            }
             (
                 b"request" | b"response" | b"upstream" | b"source" | b"destination" | b"connection"
                 | b"xds",
@@ -346,7 +363,7 @@ fn request_attribute(
 ) -> Option<PropertyValue> {
     match field {
         b"time" => Some(PropertyValue::TimestampNanos(
-            i64::try_from(h.start_ns).unwrap_or(i64::MAX),
+            i64::try_from(h.start_wall_ns).unwrap_or(i64::MAX),
         )),
         b"protocol" => Some(PropertyValue::String("HTTP/1.1".into())),
         b"headers" => headers_attribute(headers, sub),
@@ -390,8 +407,45 @@ fn response_attribute(
         ),
         // Envoy always has response flags (a bit vector, 0 when none).
         b"flags" => Some(PropertyValue::Int(0)),
+        b"grpc_status" => grpc_status(h),
         _ => None,
     }
+}
+
+/// `response.grpc_status`, as `ResponseWrapper` computes it with
+/// `Grpc::Common::getGrpcStatus(trailers, headers, info)`: the trailers'
+/// `grpc-status`, else the response headers' (a trailers-only response),
+/// else inferred from the HTTP response code (`Grpc::Utility::httpToGrpcStatus`),
+/// else absent. A `grpc-status` that is not a number or above 16 is
+/// `InvalidCode` (-1).
+fn grpc_status(h: &HttpCtx) -> Option<PropertyValue> {
+    fn parse(map: Option<&HeaderMap>) -> Option<i64> {
+        let value = map?.get("grpc-status")?;
+        if value.is_empty() {
+            return None;
+        }
+        Some(match value.parse::<u64>() {
+            Ok(code) if code <= 16 => code as i64,
+            _ => -1,
+        })
+    }
+    let code = match h.attributes.get(&path_key(&["response", "code"])) {
+        Some(PropertyValue::Int(code)) => Some(*code),
+        _ => None,
+    };
+    parse(h.response_trailers.as_ref())
+        .or_else(|| parse(h.response_headers.as_ref()))
+        .or_else(|| {
+            code.map(|c| match c {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502 | 503 | 504 => 14,
+                _ => 2,
+            })
+        })
+        .map(PropertyValue::Int)
 }
 
 // ---------------------------------------------------------------------------
@@ -769,7 +823,10 @@ impl VmInner {
                     AfterCall::Continue(id, t) => {
                         if let Some(h) = self.st().http(id) {
                             match t {
-                                StreamType::Request => h.request_paused = false,
+                                StreamType::Request => {
+                                    h.request_paused = false;
+                                    h.forwarded |= h.local_reply.is_none();
+                                }
                                 StreamType::Response => h.response_paused = false,
                                 _ => {}
                             }
@@ -822,6 +879,7 @@ impl VmInner {
             PropertyValue::String(reply.details.clone()),
         );
         let through_filter = !h.response_started && h.created && !reply.is_failure;
+        h.response_facts_fixed = true;
         h.local_reply = Some(reply);
         h.request_paused = false;
         h.response_started = true;
@@ -997,8 +1055,57 @@ impl VmInner {
         }
         if action == Action::Continue {
             h.request_headers_live = false;
+            h.forwarded |= h.local_reply.is_none();
         }
         action
+    }
+
+    /// The test's upstream failed with Envoy response `flags` (UT 0x4, UR
+    /// 0x10, UF 0x20, UC 0x40, …): the flags are added to `response.flags`
+    /// and, if no response started yet, Envoy's router answers itself
+    /// (`Router::Filter::onUpstreamReset`/`onUpstreamTimeoutAbort`): a 504
+    /// "upstream request timeout" for UT, else a 503 "upstream connect error
+    /// or disconnect/reset before headers", through this filter's response
+    /// callbacks like any local reply.
+    pub(crate) fn upstream_failure(&mut self, id: u32, flags: u64) {
+        let h = self.http_mut(id);
+        assert!(!h.logged, "upstream_failed() after finish()");
+        assert!(
+            h.local_reply.is_none() || h.forwarded,
+            "upstream_failed(): the filter answered locally; Envoy never forwarded this request"
+        );
+        assert!(
+            !h.request_paused,
+            "upstream_failed(): the filter paused the request and never resumed it"
+        );
+        h.forwarded = true;
+        let key = path_key(&["response", "flags"]);
+        let old = match h.attributes.get(&key) {
+            Some(PropertyValue::Int(v)) => *v,
+            _ => 0,
+        };
+        h.attributes.insert(
+            key,
+            PropertyValue::Int(old | i64::try_from(flags).unwrap_or(i64::MAX)),
+        );
+        if h.response_started {
+            return;
+        }
+        let (status, details, body): (u32, &[u8], &[u8]) = if flags & 0x4 != 0 {
+            (
+                504,
+                b"upstream_response_timeout",
+                b"upstream request timeout",
+            )
+        } else {
+            (
+                503,
+                b"upstream_reset_before_response_started",
+                b"upstream connect error or disconnect/reset before headers",
+            )
+        };
+        let reply = LocalReply::new(status, details, body, Vec::new(), -1);
+        self.send_local_reply(id, reply);
     }
 
     pub(crate) fn request_body(&mut self, id: u32, data: &[u8], eos: bool) -> Action {
@@ -1063,6 +1170,8 @@ impl VmInner {
         let n = map.len();
         h.response_headers = Some(map);
         h.response_started = true;
+        h.forwarded = true;
+        h.response_facts_fixed = true;
         if !h.created || h.failure_reply_sent {
             return Action::Continue;
         }
@@ -1125,7 +1234,7 @@ impl VmInner {
     /// then filter destruction (`Context::onDestroy` → `proxy_on_done`, whose
     /// result is ignored for streams, then `proxy_on_delete`).
     pub(crate) fn finish(&mut self, id: u32) {
-        let now = self.proxy.inner.now_ns();
+        let now = self.proxy.inner.mono_ns();
         let h = self.http_mut(id);
         if h.destroyed {
             return;
@@ -1140,6 +1249,8 @@ impl VmInner {
         self.on_create(id);
         let h = self.http_mut(id);
         h.access_log = true;
+        h.response_facts_fixed = true;
+        h.logged = true;
         h.request_headers_live = false;
         h.response_headers_live = false;
         h.request_trailers_live = false;
@@ -1220,7 +1331,7 @@ impl Vm {
             next_http_call_id: 0,
             call_response: None,
             failed: None,
-            rng: 0x5eed,
+            rng: 0,
         };
         let mut store = Store::new(engine, state);
         store.set_epoch_deadline(u64::MAX / 2);
@@ -1298,6 +1409,10 @@ impl Vm {
         {
             let mut g = vm.lock();
             g.st().vm_index = index;
+            // Envoy's random_get is RAND_bytes: different in every VM and
+            // every run. One splitmix64 stream per VM from the run's seed.
+            let seed = proxy.random_seed();
+            g.st().rng = seed ^ (index as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
             // WasmBase::startVm: _initialize then main()/__main_void(), or _start,
             // with only a few host functions allowed.
             g.st().restricted = Some(STARTUP_ALLOWED);
@@ -1362,10 +1477,11 @@ impl Vm {
     /// before the first callback.
     pub fn stream(&self) -> Stream {
         let mut g = self.lock();
-        let now = g.proxy.inner.now_ns();
+        let now = g.proxy.inner.mono_ns();
+        let wall = g.proxy.inner.now_ns();
         let root = g.root;
         assert!(root != 0, "this VM has no plugin root context (base VM?)");
-        let id = g.alloc_context(CtxKind::Http(Box::new(HttpCtx::new(root, now))));
+        let id = g.alloc_context(CtxKind::Http(Box::new(HttpCtx::new(root, now, wall))));
         Stream::new(self.clone(), id)
     }
 
@@ -1392,7 +1508,7 @@ impl Vm {
     /// [`Proxy::advance`].)
     pub fn tick(&self) {
         let mut g = self.lock();
-        let now = g.proxy.inner.now_ns();
+        let now = g.proxy.inner.mono_ns();
         let roots: Vec<u32> = g.store.data().timers.keys().copied().collect();
         for root in roots {
             g.fire_tick(root, now);
@@ -1570,12 +1686,13 @@ impl VmInner {
 }
 
 impl HttpCtx {
-    fn new(root_id: u32, now: u64) -> Self {
+    fn new(root_id: u32, now: u64, wall: u64) -> Self {
         Self {
             root_id,
             created: false,
             destroyed: false,
             start_ns: now,
+            start_wall_ns: wall,
             end_of_stream: false,
             access_log: false,
             request_headers: None,
@@ -1605,6 +1722,9 @@ impl HttpCtx {
             filter_state: HashMap::new(),
             attributes: HashMap::new(),
             route_cache_clears: 0,
+            forwarded: false,
+            response_facts_fixed: false,
+            logged: false,
         }
     }
 }
