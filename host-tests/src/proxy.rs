@@ -556,6 +556,14 @@ impl Proxy {
             .map(|inner| Vm { inner })
     }
 
+    /// The traps of the live VMs that failed (empty when none did).
+    pub fn trapped_vms(&self) -> Vec<crate::TrapInfo> {
+        self.live_vms()
+            .into_iter()
+            .filter_map(|vm| vm.trapped())
+            .collect()
+    }
+
     // ---- clock -------------------------------------------------------------
 
     /// The virtual wall clock (Unix nanoseconds): what
