@@ -269,7 +269,7 @@ fn racing_workers_keep_one_exact_breaker_and_budget() {
             let (start, end) = (Arc::clone(&start), Arc::clone(&end));
             let breaker_key = breaker_key.clone();
             thread::spawn(move || {
-                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1) * 7919);
+                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) * 7919));
                 let mut done = Vec::new();
                 for _ in 0..rounds {
                     start.wait();
