@@ -26,6 +26,13 @@ pub enum TrapPolicy {
     /// `failure_policy: FAIL_OPEN`: the VM is marked failed and streams
     /// continue as if the filter were absent.
     FailOpen,
+    /// `failure_policy: FAIL_RELOAD`: the failed VM's in-flight streams fail
+    /// as with `FailClosed`; the next new stream on that worker gets a fresh
+    /// VM (new instance, `_initialize`, a root context with `on_vm_start`
+    /// and `on_configure`), as Envoy's `maybeReloadHandleIfNeeded` does.
+    /// The dead VM is dropped without any callback (no `proxy_on_done` or
+    /// `proxy_on_delete`); shared data, metrics and queues stay.
+    FailReload,
 }
 
 /// Where a log line came from.

@@ -219,6 +219,8 @@ pub(crate) struct HostState {
     pub(crate) next_http_call_id: u32,
     pub(crate) call_response: Option<CallResponse>,
     pub(crate) failed: Option<TrapInfo>,
+    /// Test hook: the next guest call into this VM traps.
+    pub(crate) trap_next: bool,
     /// State of this VM's `random_get` generator (seeded per VM and per run).
     pub(crate) rng: u64,
 }
@@ -553,6 +555,10 @@ pub(crate) struct VmInner {
     proxy: Proxy,
     /// The root context new streams attach to.
     root: u32,
+    /// The VM that replaced this one after it failed (`FailReload`).
+    successor: Option<Vm>,
+    /// How many times this worker's VM was reloaded before this one.
+    generation: u32,
 }
 
 /// One thread-local Wasm VM: what Envoy runs on the main thread and on each
@@ -594,6 +600,13 @@ impl VmInner {
     ) -> Outcome<R> {
         let Some(f) = f else { return Outcome::Missing };
         if self.failed() {
+            return Outcome::Trapped;
+        }
+        if std::mem::take(&mut self.st().trap_next) {
+            self.fail(
+                name,
+                "wasm trap: host-injected trap (Vm::trap_next_call)".into(),
+            );
             return Outcome::Trapped;
         }
         let saved = {
@@ -1331,6 +1344,7 @@ impl Vm {
             next_http_call_id: 0,
             call_response: None,
             failed: None,
+            trap_next: false,
             rng: 0,
         };
         let mut store = Store::new(engine, state);
@@ -1403,6 +1417,8 @@ impl Vm {
             ex,
             proxy: proxy.clone(),
             root: 0,
+            successor: None,
+            generation: 0,
         }));
         let index = proxy.register_vm(&inner);
         let vm = Vm { inner };
@@ -1476,6 +1492,13 @@ impl Vm {
     /// the plugin (`proxy_on_context_create(id, root_id)`) lazily, right
     /// before the first callback.
     pub fn stream(&self) -> Stream {
+        let current = self.current();
+        if current.reload_if_failed() {
+            return self.stream();
+        }
+        if !Arc::ptr_eq(&current.inner, &self.inner) {
+            return current.stream();
+        }
         let mut g = self.lock();
         let now = g.proxy.inner.mono_ns();
         let wall = g.proxy.inner.now_ns();
@@ -1498,15 +1521,74 @@ impl Vm {
             .count()
     }
 
-    /// The trap that killed this VM, if any.
+    /// The trap that killed this VM, if any. (After a `FailReload` reload
+    /// the worker's handle speaks for the fresh VM: see [`current`](Self::current).)
     pub fn trapped(&self) -> Option<TrapInfo> {
-        self.lock().store.data().failed.clone()
+        self.current().lock().store.data().failed.clone()
+    }
+
+    /// The VM this worker runs now: this one, or the one that replaced it
+    /// after a trap under [`TrapPolicy::FailReload`]. Streams opened before
+    /// the reload stay on the VM they were opened on.
+    pub fn current(&self) -> Vm {
+        let mut vm = self.clone();
+        loop {
+            let next = vm.lock().successor.clone();
+            match next {
+                Some(next) => vm = next,
+                None => return vm,
+            }
+        }
+    }
+
+    /// How many times this worker's VM was reloaded after a trap.
+    pub fn reloads(&self) -> u32 {
+        self.current().lock().generation
+    }
+
+    /// Test hook: the next guest call into this VM (any callback, including
+    /// `malloc` for a returned buffer) traps, as a Rust panic in the plugin
+    /// would. With [`TrapPolicy::Panic`] that panics the test.
+    pub fn trap_next_call(&self) {
+        self.current().lock().st().trap_next = true;
+    }
+
+    /// `FailReload`: replaces a failed VM by a fresh one (returns whether it
+    /// did). Envoy: `PluginConfig::maybeReloadHandleIfNeeded`, called when a
+    /// new stream's filter is created.
+    fn reload_if_failed(&self) -> bool {
+        let (proxy, label, generation) = {
+            let g = self.lock();
+            if !g.failed() || g.successor.is_some() || g.policy() != TrapPolicy::FailReload {
+                return false;
+            }
+            (g.proxy.clone(), g.store.data().label.clone(), g.generation)
+        };
+        proxy.inner.log(
+            &label,
+            LogLevel::Warn,
+            LogSource::Host,
+            "Wasm VM failed: reloading it (failure_policy FAIL_RELOAD)".into(),
+        );
+        match Vm::start(proxy, &label, true) {
+            Ok(fresh) => {
+                fresh.lock().generation = generation + 1;
+                self.lock().successor = Some(fresh);
+                true
+            }
+            // The fresh VM failed to start: the worker stays failed (closed).
+            Err(_) => false,
+        }
     }
 
     /// Calls `proxy_on_tick` on every root context that set a tick period,
     /// now, and re-arms their timers from now. (Time-driven ticking is
     /// [`Proxy::advance`].)
     pub fn tick(&self) {
+        let current = self.current();
+        if !Arc::ptr_eq(&current.inner, &self.inner) {
+            return current.tick();
+        }
         let mut g = self.lock();
         let now = g.proxy.inner.mono_ns();
         let roots: Vec<u32> = g.store.data().timers.keys().copied().collect();
