@@ -348,6 +348,18 @@ impl Stream {
 
     // ---- end state -----------------------------------------------------------
 
+    /// What `proxy_get_property` would return to the plugin on this stream
+    /// right now (encoded as Envoy encodes it), or `None` for `NotFound`
+    /// and other errors. While the stream is live only; a finished stream's
+    /// context is gone from the VM (`None`).
+    pub fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if self.retired().is_some() {
+            return None;
+        }
+        let key = path_key(path);
+        self.vm.lock().property_of(self.id, &key)
+    }
+
     /// The request headers as they are now (after the plugin's changes).
     pub fn request_header_map(&self) -> HeaderMap {
         self.read(|h| {

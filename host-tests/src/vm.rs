@@ -280,6 +280,15 @@ impl HostState {
     /// Property lookup, following `Context::getProperty` /
     /// `Context::findValue` and the CEL attribute wrappers.
     pub(crate) fn get_property(&self, path: &[u8]) -> Result<Vec<u8>, crate::abi::Status> {
+        self.get_property_of(self.context_id(), path)
+    }
+
+    /// [`get_property`](Self::get_property) as context `id` would see it.
+    pub(crate) fn get_property_of(
+        &self,
+        id: u32,
+        path: &[u8],
+    ) -> Result<Vec<u8>, crate::abi::Status> {
         use crate::abi::Status;
         let segments = split_path(path);
         let Some(first) = segments.first() else {
@@ -292,7 +301,7 @@ impl HostState {
             b"plugin_vm_id" => return Ok(cfg.vm_id.clone().into_bytes()),
             _ => {}
         }
-        let Some(h) = self.http_ref(self.context_id()) else {
+        let Some(h) = self.http_ref(id) else {
             return Err(Status::NotFound);
         };
         if segments.len() == 1 {
@@ -1300,6 +1309,10 @@ impl VmInner {
         }
     }
 
+    pub(crate) fn property_of(&self, id: u32, path: &[u8]) -> Option<Vec<u8>> {
+        self.store.data().get_property_of(id, path).ok()
+    }
+
     pub(crate) fn with_http<R>(&self, id: u32, f: impl FnOnce(&HttpCtx) -> R) -> R {
         match self.store.data().http_ref(id) {
             Some(h) => f(h),
@@ -1499,13 +1512,41 @@ impl Vm {
         if !Arc::ptr_eq(&current.inner, &self.inner) {
             return current.stream();
         }
+        let root = self.lock().root;
+        self.stream_on(root)
+    }
+
+    fn stream_on(&self, root: u32) -> Stream {
         let mut g = self.lock();
         let now = g.proxy.inner.mono_ns();
         let wall = g.proxy.inner.now_ns();
-        let root = g.root;
         assert!(root != 0, "this VM has no plugin root context (base VM?)");
+        assert!(
+            g.store.data().live_context(root)
+                && matches!(g.store.data().contexts.get(&root), Some(CtxKind::Root(_))),
+            "root context {root} does not exist on this VM"
+        );
         let id = g.alloc_context(CtxKind::Http(Box::new(HttpCtx::new(root, now, wall))));
         Stream::new(self.clone(), id)
+    }
+
+    /// Another plugin configuration served by this VM: in Envoy every filter
+    /// config with the same `vm_id` and code shares one VM per thread (and
+    /// one shared-data namespace); `WasmBase::start(plugin)` gives each its
+    /// own root context (`proxy_on_context_create`, `proxy_on_vm_start`,
+    /// `proxy_on_configure`). Returns its root context id, for
+    /// [`stream_for`](Self::stream_for). Shared data, queues and metrics are
+    /// the proxy's, so both plugins see the same ones.
+    pub fn add_plugin(&self, plugin_config: impl Into<Vec<u8>>) -> Result<u32, StartError> {
+        let current = self.current();
+        let mut g = current.lock();
+        g.create_root(plugin_config.into())
+    }
+
+    /// Opens a stream of the plugin whose root context is `root_context_id`
+    /// (from [`add_plugin`](Self::add_plugin) or [`root_context_id`](Self::root_context_id)).
+    pub fn stream_for(&self, root_context_id: u32) -> Stream {
+        self.current().stream_on(root_context_id)
     }
 
     /// Streams whose context the VM still holds: opened and not finished.
