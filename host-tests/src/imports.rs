@@ -522,7 +522,7 @@ fn env(l: &mut Linker<HostState>, s: &mut Sigs, abi: AbiVersion) -> Result<(), S
             .proxy
             .state()
             .shared
-            .set(&key, &value, u(cas))
+            .guest_set(&key, &value, u(cas))
             .code())
     });
 
@@ -1043,7 +1043,7 @@ fn env(l: &mut Linker<HostState>, s: &mut Sigs, abi: AbiVersion) -> Result<(), S
             if period_ns == 0 {
                 st.timers.remove(&root);
             } else {
-                let now = st.proxy.now_ns();
+                let now = st.proxy.mono_ns();
                 st.timers.insert(
                     root,
                     Timer {
@@ -1514,14 +1514,14 @@ fn wasi(l: &mut Linker<HostState>, s: &mut Sigs, m: &'static str) -> Result<(), 
         "iIi>i",
         move |mut c: C, id: i32, _precision: i64, out: i32| -> R {
             enter(&c, m, "clock_time_get")?;
-            let (now, start) = {
+            let (now, mono, start) = {
                 let ps = c.data().proxy.state();
-                (ps.clock_ns, ps.start_ns)
+                (ps.wall_ns(), ps.clock_ns, ps.start_ns)
             };
             let value = match id {
                 0 => now,
                 // Monotonic: an arbitrary origin (one hour of "uptime" at start).
-                1 => now.saturating_sub(start).saturating_add(3_600_000_000_000),
+                1 => mono.saturating_sub(start).saturating_add(3_600_000_000_000),
                 _ => return Ok(WASI_NOTSUP),
             };
             Ok(if write_u64(&mut c, out, value) {

@@ -83,3 +83,13 @@ pub fn require_sluice_wasm() -> PathBuf {
     }
     path
 }
+
+/// Worker VMs, their streams and the proxy move to other threads, as
+/// Envoy's workers run on their own threads.
+#[allow(dead_code)]
+fn _assert_send() {
+    fn send<T: Send + Sync>() {}
+    send::<Proxy>();
+    send::<Vm>();
+    send::<Stream>();
+}

@@ -26,6 +26,13 @@ pub enum TrapPolicy {
     /// `failure_policy: FAIL_OPEN`: the VM is marked failed and streams
     /// continue as if the filter were absent.
     FailOpen,
+    /// `failure_policy: FAIL_RELOAD`: the failed VM's in-flight streams fail
+    /// as with `FailClosed`; the next new stream on that worker gets a fresh
+    /// VM (new instance, `_initialize`, a root context with `on_vm_start`
+    /// and `on_configure`), as Envoy's `maybeReloadHandleIfNeeded` does.
+    /// The dead VM is dropped without any callback (no `proxy_on_done` or
+    /// `proxy_on_delete`); shared data, metrics and queues stay.
+    FailReload,
 }
 
 /// Where a log line came from.
@@ -112,6 +119,12 @@ pub(crate) struct ProxyConfig {
 pub(crate) struct SharedData {
     pub(crate) entries: HashMap<Vec<u8>, (Vec<u8>, u32)>,
     next_cas: u32,
+    /// Test fault hook: how many more guest `proxy_set_shared_data` calls on
+    /// a key are answered `CasMismatch` (see [`Proxy::fail_shared_sets`]).
+    pub(crate) forced_mismatches: HashMap<Vec<u8>, u64>,
+    /// Every guest `proxy_set_shared_data` that returned `CasMismatch`
+    /// (forced or real), by key.
+    pub(crate) mismatches: HashMap<Vec<u8>, u64>,
 }
 
 impl SharedData {
@@ -139,6 +152,22 @@ impl SharedData {
         self.entries.insert(key.to_vec(), (value.to_vec(), new_cas));
         Status::Ok
     }
+
+    /// A guest's `proxy_set_shared_data`: [`set`](Self::set), unless the
+    /// test armed a forced mismatch for this key.
+    pub(crate) fn guest_set(&mut self, key: &[u8], value: &[u8], cas: u32) -> Status {
+        let status = match self.forced_mismatches.get_mut(key) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Status::CasMismatch
+            }
+            _ => self.set(key, value, cas),
+        };
+        if status == Status::CasMismatch {
+            *self.mismatches.entry(key.to_vec()).or_insert(0) += 1;
+        }
+        status
+    }
 }
 
 pub(crate) struct Queue {
@@ -150,8 +179,15 @@ pub(crate) struct Queue {
 
 pub(crate) struct State {
     pub(crate) plugin_config: Vec<u8>,
+    /// The monotonic clock (Envoy's `MonotonicTime`): timers and durations
+    /// run on it. It starts at the same number as the wall clock.
     pub(crate) clock_ns: u64,
     pub(crate) start_ns: u64,
+    /// Wall clock minus monotonic clock: stepped by
+    /// [`Proxy::step_wall_clock_back`]/[`forward`](Proxy::step_wall_clock_forward).
+    pub(crate) wall_offset_ns: i128,
+    /// Seed of this run's `random_get` generators (one stream per VM).
+    pub(crate) random_seed: u64,
     pub(crate) shared: SharedData,
     pub(crate) metrics: BTreeMap<(String, MetricType), Metric>,
     pub(crate) logs: Vec<LogEntry>,
@@ -162,6 +198,13 @@ pub(crate) struct State {
     pub(crate) next_vm: usize,
     pub(crate) next_worker: usize,
     pub(crate) http_calls: Vec<HttpCall>,
+}
+
+impl State {
+    pub(crate) fn wall_ns(&self) -> u64 {
+        let wall = i128::from(self.clock_ns) + self.wall_offset_ns;
+        u64::try_from(wall.max(0)).unwrap_or(u64::MAX)
+    }
 }
 
 pub(crate) struct ProxyInner {
@@ -192,7 +235,13 @@ impl ProxyInner {
         self.state().logs.push(entry);
     }
 
+    /// The wall clock (`proxy_get_current_time_nanoseconds`, WASI realtime).
     pub(crate) fn now_ns(&self) -> u64 {
+        self.state().wall_ns()
+    }
+
+    /// The monotonic clock (timers, durations).
+    pub(crate) fn mono_ns(&self) -> u64 {
         self.state().clock_ns
     }
 }
@@ -213,6 +262,7 @@ pub struct ProxyBuilder {
     start_unix_ns: u64,
     env: Vec<(String, String)>,
     clusters: Vec<String>,
+    random_seed: Option<u64>,
 }
 
 enum WasmSource {
@@ -300,6 +350,15 @@ impl ProxyBuilder {
         self
     }
 
+    /// Seeds `random_get` (default: a fresh seed per proxy, i.e. per run, as
+    /// Envoy's `RAND_bytes` differs per run). Every VM still gets its own
+    /// stream from the seed. The seed in use is [`Proxy::random_seed`]; set
+    /// it to replay a failing run.
+    pub fn random_seed(mut self, seed: u64) -> Self {
+        self.random_seed = Some(seed);
+        self
+    }
+
     /// Compiles (once per process) and checks the module, and creates the
     /// process. No VM is started yet: see [`Proxy::start_vm`] and [`Proxy::boot`].
     pub fn build(self) -> Result<Proxy, StartError> {
@@ -325,9 +384,13 @@ impl ProxyBuilder {
             plugin_config: self.plugin_config,
             clock_ns: self.start_unix_ns,
             start_ns: self.start_unix_ns,
+            wall_offset_ns: 0,
+            random_seed: self.random_seed.unwrap_or_else(fresh_seed),
             shared: SharedData {
                 entries: HashMap::new(),
                 next_cas: 1,
+                forced_mismatches: HashMap::new(),
+                mismatches: HashMap::new(),
             },
             metrics: BTreeMap::new(),
             logs: Vec::new(),
@@ -346,6 +409,20 @@ impl ProxyBuilder {
             }),
         })
     }
+}
+
+/// A seed that differs per call and per process (std's per-process random
+/// hasher keys, plus a counter and the time).
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish()
 }
 
 /// One fake Envoy process running one Wasm plugin.
@@ -388,6 +465,7 @@ impl Proxy {
             start_unix_ns: DEFAULT_START_UNIX_SECS * 1_000_000_000,
             env: Vec::new(),
             clusters: Vec::new(),
+            random_seed: None,
         }
     }
 
@@ -485,6 +563,14 @@ impl Proxy {
             .map(|inner| Vm { inner })
     }
 
+    /// The traps of the live VMs that failed (empty when none did).
+    pub fn trapped_vms(&self) -> Vec<crate::TrapInfo> {
+        self.live_vms()
+            .into_iter()
+            .filter_map(|vm| vm.trapped())
+            .collect()
+    }
+
     // ---- clock -------------------------------------------------------------
 
     /// The virtual wall clock (Unix nanoseconds): what
@@ -493,13 +579,46 @@ impl Proxy {
         self.inner.now_ns()
     }
 
-    /// Virtual time elapsed since the proxy was built.
+    /// [`now_unix_nanos`](Self::now_unix_nanos) in milliseconds.
+    pub fn now_unix_ms(&self) -> u64 {
+        self.now_unix_nanos() / 1_000_000
+    }
+
+    /// The virtual monotonic clock (nanoseconds; it starts at the same
+    /// number as the wall clock and never jumps).
+    pub fn monotonic_nanos(&self) -> u64 {
+        self.inner.mono_ns()
+    }
+
+    /// Steps the wall clock back by `by` (an NTP correction): what
+    /// `proxy_get_current_time_nanoseconds` and WASI realtime return jumps
+    /// back; the monotonic clock, timers and ticks do not move. Envoy reads
+    /// `std::chrono::system_clock` for the former and its dispatcher's
+    /// monotonic clock for the latter, so a plugin sees exactly this.
+    pub fn step_wall_clock_back(&self, by: Duration) {
+        let mut st = self.inner.state();
+        st.wall_offset_ns -= i128::try_from(by.as_nanos()).unwrap_or(i128::MAX / 2);
+    }
+
+    /// Steps the wall clock forward by `by` without any time passing: no
+    /// tick fires, durations do not grow.
+    pub fn step_wall_clock_forward(&self, by: Duration) {
+        let mut st = self.inner.state();
+        st.wall_offset_ns += i128::try_from(by.as_nanos()).unwrap_or(i128::MAX / 2);
+    }
+
+    /// The seed of this proxy's `random_get` (see [`ProxyBuilder::random_seed`]).
+    pub fn random_seed(&self) -> u64 {
+        self.inner.state().random_seed
+    }
+
+    /// Virtual (monotonic) time elapsed since the proxy was built.
     pub fn elapsed(&self) -> Duration {
         let st = self.inner.state();
         Duration::from_nanos(st.clock_ns.saturating_sub(st.start_ns))
     }
 
-    /// Moves the clock forward by `by`. Timers fire in time order, as
+    /// Lets `by` pass: both clocks move forward by it. Timers fire in time order, as
     /// Envoy's dispatchers would fire them: a root context with tick period
     /// `p` set at time `t` gets `proxy_on_tick` at `t+p`, `t+2p`, … (the
     /// clock reads the firing time during the call). Pending shared-queue
@@ -579,6 +698,40 @@ impl Proxy {
             .state()
             .shared
             .set(key.as_ref(), value.as_ref(), cas)
+    }
+
+    /// Fault hook: the next `n` `proxy_set_shared_data` calls on `key` made
+    /// by any VM return `CasMismatch` without writing (as if another worker
+    /// won every race). Adds to what is still armed; `n` = 0 disarms.
+    /// Writes through [`set_shared_data`](Self::set_shared_data) are not
+    /// affected.
+    pub fn fail_shared_sets(&self, key: impl AsRef<[u8]>, n: u64) {
+        let mut st = self.inner.state();
+        if n == 0 {
+            st.shared.forced_mismatches.remove(key.as_ref());
+        } else {
+            *st.shared
+                .forced_mismatches
+                .entry(key.as_ref().to_vec())
+                .or_insert(0) += n;
+        }
+    }
+
+    /// Forced mismatches still armed on `key`.
+    pub fn forced_shared_set_failures_left(&self, key: impl AsRef<[u8]>) -> u64 {
+        let st = self.inner.state();
+        st.shared
+            .forced_mismatches
+            .get(key.as_ref())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many guest `proxy_set_shared_data` calls on `key` returned
+    /// `CasMismatch` so far (lost races and forced ones).
+    pub fn shared_set_mismatches(&self, key: impl AsRef<[u8]>) -> u64 {
+        let st = self.inner.state();
+        st.shared.mismatches.get(key.as_ref()).copied().unwrap_or(0)
     }
 
     /// All shared-data keys, sorted.

@@ -267,7 +267,28 @@ impl Stream {
     /// Overrides the computed ones.
     pub fn set_property(&self, path: &[&str], value: PropertyValue) {
         let key = path_key(path);
-        self.write(|h| h.attributes.insert(key, value));
+        let name = path.join(".");
+        self.write(|h| {
+            let fixed_at_response = matches!(
+                name.as_str(),
+                "upstream.request_attempt_count" | "response.code" | "response.grpc_status"
+            );
+            if h.logged {
+                panic!(
+                    "set_property({name}) after finish(): the filter has read the stream's \
+                     facts in proxy_on_log; Envoy changes nothing after the access log"
+                );
+            }
+            if fixed_at_response && h.response_facts_fixed {
+                panic!(
+                    "set_property({name}) after the response headers reached the filter: \
+                     Envoy's router makes no more attempts once it passed them on and the \
+                     response code is fixed, and the filter may have read them already. \
+                     Set it before response_headers() (or let the fake derive it)"
+                );
+            }
+            h.attributes.insert(key, value)
+        });
     }
 
     /// `response.code` (CEL int: 8 bytes LE).
@@ -286,6 +307,15 @@ impl Stream {
             &["response", "flags"],
             PropertyValue::Int(i64::try_from(flags).unwrap_or(i64::MAX)),
         );
+    }
+
+    /// The upstream failed with Envoy response `flags` (see
+    /// `Vm`'s router behaviour: before any response, Envoy's router sends its
+    /// own 503/504, which passes through the filter and is what
+    /// [`local_reply`](Self::local_reply) then shows; after, the flags are
+    /// only added, as for a reset mid-body).
+    pub fn upstream_failed(&self, flags: u64) {
+        self.vm.lock().upstream_failure(self.id, flags);
     }
 
     /// `upstream.request_attempt_count` (CEL uint).
@@ -317,6 +347,18 @@ impl Stream {
     }
 
     // ---- end state -----------------------------------------------------------
+
+    /// What `proxy_get_property` would return to the plugin on this stream
+    /// right now (encoded as Envoy encodes it), or `None` for `NotFound`
+    /// and other errors. While the stream is live only; a finished stream's
+    /// context is gone from the VM (`None`).
+    pub fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if self.retired().is_some() {
+            return None;
+        }
+        let key = path_key(path);
+        self.vm.lock().property_of(self.id, &key)
+    }
 
     /// The request headers as they are now (after the plugin's changes).
     pub fn request_header_map(&self) -> HeaderMap {

@@ -124,7 +124,10 @@ pub(crate) struct HttpCtx {
     pub(crate) root_id: u32,
     pub(crate) created: bool,
     pub(crate) destroyed: bool,
+    /// Monotonic start (for `request.duration`).
     pub(crate) start_ns: u64,
+    /// Wall-clock start (`request.time`).
+    pub(crate) start_wall_ns: u64,
     pub(crate) end_of_stream: bool,
     pub(crate) access_log: bool,
     pub(crate) request_headers: Option<HeaderMap>,
@@ -154,6 +157,15 @@ pub(crate) struct HttpCtx {
     pub(crate) filter_state: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) attributes: HashMap<Vec<u8>, PropertyValue>,
     pub(crate) route_cache_clears: u32,
+    /// Envoy's router made an upstream request (the request headers went
+    /// past this filter, or an upstream answered).
+    pub(crate) forwarded: bool,
+    /// The filter got the response headers (or the stream ended): the
+    /// router makes no more attempts and the response code is known, so
+    /// the test may no longer change them.
+    pub(crate) response_facts_fixed: bool,
+    /// `proxy_on_log` ran: nothing about the stream may change any more.
+    pub(crate) logged: bool,
 }
 
 pub(crate) enum CtxKind {
@@ -207,7 +219,9 @@ pub(crate) struct HostState {
     pub(crate) next_http_call_id: u32,
     pub(crate) call_response: Option<CallResponse>,
     pub(crate) failed: Option<TrapInfo>,
-    /// State of the deterministic `random_get`.
+    /// Test hook: the next guest call into this VM traps.
+    pub(crate) trap_next: bool,
+    /// State of this VM's `random_get` generator (seeded per VM and per run).
     pub(crate) rng: u64,
 }
 
@@ -266,6 +280,15 @@ impl HostState {
     /// Property lookup, following `Context::getProperty` /
     /// `Context::findValue` and the CEL attribute wrappers.
     pub(crate) fn get_property(&self, path: &[u8]) -> Result<Vec<u8>, crate::abi::Status> {
+        self.get_property_of(self.context_id(), path)
+    }
+
+    /// [`get_property`](Self::get_property) as context `id` would see it.
+    pub(crate) fn get_property_of(
+        &self,
+        id: u32,
+        path: &[u8],
+    ) -> Result<Vec<u8>, crate::abi::Status> {
         use crate::abi::Status;
         let segments = split_path(path);
         let Some(first) = segments.first() else {
@@ -278,7 +301,7 @@ impl HostState {
             b"plugin_vm_id" => return Ok(cfg.vm_id.clone().into_bytes()),
             _ => {}
         }
-        let Some(h) = self.http_ref(self.context_id()) else {
+        let Some(h) = self.http_ref(id) else {
             return Err(Status::NotFound);
         };
         if segments.len() == 1 {
@@ -306,8 +329,13 @@ impl HostState {
             (b"response", Some(field)) => {
                 response_attribute(h, response_headers, field, segments.get(2).copied())
             }
-            // UpstreamWrapper: attemptCount().value_or(0), a CEL uint.
-            (b"upstream", Some(b"request_attempt_count")) => Some(PropertyValue::Uint(0)),
+            // UpstreamWrapper: attemptCount().value_or(0), a CEL uint. The
+            // router sets it to 1 when it creates the first upstream request
+            // (`UpstreamRequest` / `Filter::onRequestComplete`), and counts
+            // every retry; a test sets retries with `set_attempt_count`.
+            (b"upstream", Some(b"request_attempt_count")) => {
+                Some(PropertyValue::Uint(u64::from(h.forwarded)))
+            }
             (
                 b"request" | b"response" | b"upstream" | b"source" | b"destination" | b"connection"
                 | b"xds",
@@ -346,7 +374,7 @@ fn request_attribute(
 ) -> Option<PropertyValue> {
     match field {
         b"time" => Some(PropertyValue::TimestampNanos(
-            i64::try_from(h.start_ns).unwrap_or(i64::MAX),
+            i64::try_from(h.start_wall_ns).unwrap_or(i64::MAX),
         )),
         b"protocol" => Some(PropertyValue::String("HTTP/1.1".into())),
         b"headers" => headers_attribute(headers, sub),
@@ -390,8 +418,45 @@ fn response_attribute(
         ),
         // Envoy always has response flags (a bit vector, 0 when none).
         b"flags" => Some(PropertyValue::Int(0)),
+        b"grpc_status" => grpc_status(h),
         _ => None,
     }
+}
+
+/// `response.grpc_status`, as `ResponseWrapper` computes it with
+/// `Grpc::Common::getGrpcStatus(trailers, headers, info)`: the trailers'
+/// `grpc-status`, else the response headers' (a trailers-only response),
+/// else inferred from the HTTP response code (`Grpc::Utility::httpToGrpcStatus`),
+/// else absent. A `grpc-status` that is not a number or above 16 is
+/// `InvalidCode` (-1).
+fn grpc_status(h: &HttpCtx) -> Option<PropertyValue> {
+    fn parse(map: Option<&HeaderMap>) -> Option<i64> {
+        let value = map?.get("grpc-status")?;
+        if value.is_empty() {
+            return None;
+        }
+        Some(match value.parse::<u64>() {
+            Ok(code) if code <= 16 => code as i64,
+            _ => -1,
+        })
+    }
+    let code = match h.attributes.get(&path_key(&["response", "code"])) {
+        Some(PropertyValue::Int(code)) => Some(*code),
+        _ => None,
+    };
+    parse(h.response_trailers.as_ref())
+        .or_else(|| parse(h.response_headers.as_ref()))
+        .or_else(|| {
+            code.map(|c| match c {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502 | 503 | 504 => 14,
+                _ => 2,
+            })
+        })
+        .map(PropertyValue::Int)
 }
 
 // ---------------------------------------------------------------------------
@@ -499,6 +564,10 @@ pub(crate) struct VmInner {
     proxy: Proxy,
     /// The root context new streams attach to.
     root: u32,
+    /// The VM that replaced this one after it failed (`FailReload`).
+    successor: Option<Vm>,
+    /// How many times this worker's VM was reloaded before this one.
+    generation: u32,
 }
 
 /// One thread-local Wasm VM: what Envoy runs on the main thread and on each
@@ -540,6 +609,13 @@ impl VmInner {
     ) -> Outcome<R> {
         let Some(f) = f else { return Outcome::Missing };
         if self.failed() {
+            return Outcome::Trapped;
+        }
+        if std::mem::take(&mut self.st().trap_next) {
+            self.fail(
+                name,
+                "wasm trap: host-injected trap (Vm::trap_next_call)".into(),
+            );
             return Outcome::Trapped;
         }
         let saved = {
@@ -769,7 +845,10 @@ impl VmInner {
                     AfterCall::Continue(id, t) => {
                         if let Some(h) = self.st().http(id) {
                             match t {
-                                StreamType::Request => h.request_paused = false,
+                                StreamType::Request => {
+                                    h.request_paused = false;
+                                    h.forwarded |= h.local_reply.is_none();
+                                }
                                 StreamType::Response => h.response_paused = false,
                                 _ => {}
                             }
@@ -822,6 +901,7 @@ impl VmInner {
             PropertyValue::String(reply.details.clone()),
         );
         let through_filter = !h.response_started && h.created && !reply.is_failure;
+        h.response_facts_fixed = true;
         h.local_reply = Some(reply);
         h.request_paused = false;
         h.response_started = true;
@@ -997,8 +1077,57 @@ impl VmInner {
         }
         if action == Action::Continue {
             h.request_headers_live = false;
+            h.forwarded |= h.local_reply.is_none();
         }
         action
+    }
+
+    /// The test's upstream failed with Envoy response `flags` (UT 0x4, UR
+    /// 0x10, UF 0x20, UC 0x40, …): the flags are added to `response.flags`
+    /// and, if no response started yet, Envoy's router answers itself
+    /// (`Router::Filter::onUpstreamReset`/`onUpstreamTimeoutAbort`): a 504
+    /// "upstream request timeout" for UT, else a 503 "upstream connect error
+    /// or disconnect/reset before headers", through this filter's response
+    /// callbacks like any local reply.
+    pub(crate) fn upstream_failure(&mut self, id: u32, flags: u64) {
+        let h = self.http_mut(id);
+        assert!(!h.logged, "upstream_failed() after finish()");
+        assert!(
+            h.local_reply.is_none() || h.forwarded,
+            "upstream_failed(): the filter answered locally; Envoy never forwarded this request"
+        );
+        assert!(
+            !h.request_paused,
+            "upstream_failed(): the filter paused the request and never resumed it"
+        );
+        h.forwarded = true;
+        let key = path_key(&["response", "flags"]);
+        let old = match h.attributes.get(&key) {
+            Some(PropertyValue::Int(v)) => *v,
+            _ => 0,
+        };
+        h.attributes.insert(
+            key,
+            PropertyValue::Int(old | i64::try_from(flags).unwrap_or(i64::MAX)),
+        );
+        if h.response_started {
+            return;
+        }
+        let (status, details, body): (u32, &[u8], &[u8]) = if flags & 0x4 != 0 {
+            (
+                504,
+                b"upstream_response_timeout",
+                b"upstream request timeout",
+            )
+        } else {
+            (
+                503,
+                b"upstream_reset_before_response_started",
+                b"upstream connect error or disconnect/reset before headers",
+            )
+        };
+        let reply = LocalReply::new(status, details, body, Vec::new(), -1);
+        self.send_local_reply(id, reply);
     }
 
     pub(crate) fn request_body(&mut self, id: u32, data: &[u8], eos: bool) -> Action {
@@ -1063,6 +1192,8 @@ impl VmInner {
         let n = map.len();
         h.response_headers = Some(map);
         h.response_started = true;
+        h.forwarded = true;
+        h.response_facts_fixed = true;
         if !h.created || h.failure_reply_sent {
             return Action::Continue;
         }
@@ -1125,7 +1256,7 @@ impl VmInner {
     /// then filter destruction (`Context::onDestroy` → `proxy_on_done`, whose
     /// result is ignored for streams, then `proxy_on_delete`).
     pub(crate) fn finish(&mut self, id: u32) {
-        let now = self.proxy.inner.now_ns();
+        let now = self.proxy.inner.mono_ns();
         let h = self.http_mut(id);
         if h.destroyed {
             return;
@@ -1140,6 +1271,8 @@ impl VmInner {
         self.on_create(id);
         let h = self.http_mut(id);
         h.access_log = true;
+        h.response_facts_fixed = true;
+        h.logged = true;
         h.request_headers_live = false;
         h.response_headers_live = false;
         h.request_trailers_live = false;
@@ -1174,6 +1307,10 @@ impl VmInner {
             Some(CtxKind::Http(h)) => Some(h),
             _ => None,
         }
+    }
+
+    pub(crate) fn property_of(&self, id: u32, path: &[u8]) -> Option<Vec<u8>> {
+        self.store.data().get_property_of(id, path).ok()
     }
 
     pub(crate) fn with_http<R>(&self, id: u32, f: impl FnOnce(&HttpCtx) -> R) -> R {
@@ -1220,7 +1357,8 @@ impl Vm {
             next_http_call_id: 0,
             call_response: None,
             failed: None,
-            rng: 0x5eed,
+            trap_next: false,
+            rng: 0,
         };
         let mut store = Store::new(engine, state);
         store.set_epoch_deadline(u64::MAX / 2);
@@ -1292,12 +1430,18 @@ impl Vm {
             ex,
             proxy: proxy.clone(),
             root: 0,
+            successor: None,
+            generation: 0,
         }));
         let index = proxy.register_vm(&inner);
         let vm = Vm { inner };
         {
             let mut g = vm.lock();
             g.st().vm_index = index;
+            // Envoy's random_get is RAND_bytes: different in every VM and
+            // every run. One splitmix64 stream per VM from the run's seed.
+            let seed = proxy.random_seed();
+            g.st().rng = seed ^ (index as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
             // WasmBase::startVm: _initialize then main()/__main_void(), or _start,
             // with only a few host functions allowed.
             g.st().restricted = Some(STARTUP_ALLOWED);
@@ -1361,12 +1505,48 @@ impl Vm {
     /// the plugin (`proxy_on_context_create(id, root_id)`) lazily, right
     /// before the first callback.
     pub fn stream(&self) -> Stream {
+        let current = self.current();
+        if current.reload_if_failed() {
+            return self.stream();
+        }
+        if !Arc::ptr_eq(&current.inner, &self.inner) {
+            return current.stream();
+        }
+        let root = self.lock().root;
+        self.stream_on(root)
+    }
+
+    fn stream_on(&self, root: u32) -> Stream {
         let mut g = self.lock();
-        let now = g.proxy.inner.now_ns();
-        let root = g.root;
+        let now = g.proxy.inner.mono_ns();
+        let wall = g.proxy.inner.now_ns();
         assert!(root != 0, "this VM has no plugin root context (base VM?)");
-        let id = g.alloc_context(CtxKind::Http(Box::new(HttpCtx::new(root, now))));
+        assert!(
+            g.store.data().live_context(root)
+                && matches!(g.store.data().contexts.get(&root), Some(CtxKind::Root(_))),
+            "root context {root} does not exist on this VM"
+        );
+        let id = g.alloc_context(CtxKind::Http(Box::new(HttpCtx::new(root, now, wall))));
         Stream::new(self.clone(), id)
+    }
+
+    /// Another plugin configuration served by this VM: in Envoy every filter
+    /// config with the same `vm_id` and code shares one VM per thread (and
+    /// one shared-data namespace); `WasmBase::start(plugin)` gives each its
+    /// own root context (`proxy_on_context_create`, `proxy_on_vm_start`,
+    /// `proxy_on_configure`). Returns its root context id, for
+    /// [`stream_for`](Self::stream_for). Shared data, queues and metrics are
+    /// the proxy's, so both plugins see the same ones.
+    pub fn add_plugin(&self, plugin_config: impl Into<Vec<u8>>) -> Result<u32, StartError> {
+        let current = self.current();
+        let mut g = current.lock();
+        g.create_root(plugin_config.into())
+    }
+
+    /// Opens a stream of the plugin whose root context is `root_context_id`
+    /// (from [`add_plugin`](Self::add_plugin) or [`root_context_id`](Self::root_context_id)).
+    pub fn stream_for(&self, root_context_id: u32) -> Stream {
+        self.current().stream_on(root_context_id)
     }
 
     /// Streams whose context the VM still holds: opened and not finished.
@@ -1382,17 +1562,76 @@ impl Vm {
             .count()
     }
 
-    /// The trap that killed this VM, if any.
+    /// The trap that killed this VM, if any. (After a `FailReload` reload
+    /// the worker's handle speaks for the fresh VM: see [`current`](Self::current).)
     pub fn trapped(&self) -> Option<TrapInfo> {
-        self.lock().store.data().failed.clone()
+        self.current().lock().store.data().failed.clone()
+    }
+
+    /// The VM this worker runs now: this one, or the one that replaced it
+    /// after a trap under [`TrapPolicy::FailReload`]. Streams opened before
+    /// the reload stay on the VM they were opened on.
+    pub fn current(&self) -> Vm {
+        let mut vm = self.clone();
+        loop {
+            let next = vm.lock().successor.clone();
+            match next {
+                Some(next) => vm = next,
+                None => return vm,
+            }
+        }
+    }
+
+    /// How many times this worker's VM was reloaded after a trap.
+    pub fn reloads(&self) -> u32 {
+        self.current().lock().generation
+    }
+
+    /// Test hook: the next guest call into this VM (any callback, including
+    /// `malloc` for a returned buffer) traps, as a Rust panic in the plugin
+    /// would. With [`TrapPolicy::Panic`] that panics the test.
+    pub fn trap_next_call(&self) {
+        self.current().lock().st().trap_next = true;
+    }
+
+    /// `FailReload`: replaces a failed VM by a fresh one (returns whether it
+    /// did). Envoy: `PluginConfig::maybeReloadHandleIfNeeded`, called when a
+    /// new stream's filter is created.
+    fn reload_if_failed(&self) -> bool {
+        let (proxy, label, generation) = {
+            let g = self.lock();
+            if !g.failed() || g.successor.is_some() || g.policy() != TrapPolicy::FailReload {
+                return false;
+            }
+            (g.proxy.clone(), g.store.data().label.clone(), g.generation)
+        };
+        proxy.inner.log(
+            &label,
+            LogLevel::Warn,
+            LogSource::Host,
+            "Wasm VM failed: reloading it (failure_policy FAIL_RELOAD)".into(),
+        );
+        match Vm::start(proxy, &label, true) {
+            Ok(fresh) => {
+                fresh.lock().generation = generation + 1;
+                self.lock().successor = Some(fresh);
+                true
+            }
+            // The fresh VM failed to start: the worker stays failed (closed).
+            Err(_) => false,
+        }
     }
 
     /// Calls `proxy_on_tick` on every root context that set a tick period,
     /// now, and re-arms their timers from now. (Time-driven ticking is
     /// [`Proxy::advance`].)
     pub fn tick(&self) {
+        let current = self.current();
+        if !Arc::ptr_eq(&current.inner, &self.inner) {
+            return current.tick();
+        }
         let mut g = self.lock();
-        let now = g.proxy.inner.now_ns();
+        let now = g.proxy.inner.mono_ns();
         let roots: Vec<u32> = g.store.data().timers.keys().copied().collect();
         for root in roots {
             g.fire_tick(root, now);
@@ -1570,12 +1809,13 @@ impl VmInner {
 }
 
 impl HttpCtx {
-    fn new(root_id: u32, now: u64) -> Self {
+    fn new(root_id: u32, now: u64, wall: u64) -> Self {
         Self {
             root_id,
             created: false,
             destroyed: false,
             start_ns: now,
+            start_wall_ns: wall,
             end_of_stream: false,
             access_log: false,
             request_headers: None,
@@ -1605,6 +1845,9 @@ impl HttpCtx {
             filter_state: HashMap::new(),
             attributes: HashMap::new(),
             route_cache_clears: 0,
+            forwarded: false,
+            response_facts_fixed: false,
+            logged: false,
         }
     }
 }

@@ -341,11 +341,19 @@ impl Active {
         else {
             return Admission::Allowed;
         };
+        // A cached verdict further ahead than this code ever caches one was
+        // taken before the wall clock stepped back: it is stale, not valid
+        // for the length of the step (the shared state is read instead,
+        // which `breaker::State::load` sanitises the same way).
         match breaker_runtime.cached.get() {
-            Some(CachedVerdict::Allowed { until_ms }) if now < until_ms => {
+            Some(CachedVerdict::Allowed { until_ms })
+                if now < until_ms && until_ms - now <= BREAKER_CACHE_MS =>
+            {
                 return Admission::Allowed
             }
-            Some(CachedVerdict::OpenUntil { until_ms }) if now < until_ms => {
+            Some(CachedVerdict::OpenUntil { until_ms })
+                if now < until_ms && until_ms - now <= config.max_open_ms =>
+            {
                 breaker_runtime.rejected.increment();
                 return Admission::Rejected {
                     retry_after_ms: until_ms - now,
