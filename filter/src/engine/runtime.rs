@@ -276,7 +276,9 @@ impl Active {
         let config = service.rollout.as_ref()?;
         let rollout_runtime = runtime.rollout.as_ref()?;
         if let Some((view, valid_until)) = rollout_runtime.cached.get() {
-            if now < valid_until {
+            // Further ahead than a view is ever cached: the wall clock
+            // stepped back since, so the view is stale (as in `admit`).
+            if now < valid_until && valid_until - now <= ROLLOUT_CACHE_MS {
                 return Some(view);
             }
         }
