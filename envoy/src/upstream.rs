@@ -36,6 +36,9 @@ pub struct RecordedRequest {
     /// Header names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// The request body, as received (every attempt's: for an upstream that
+    /// counts side effects, each body it accepted is one write).
+    pub body: Vec<u8>,
     /// Status this upstream answered with (0 if it hung and never answered).
     pub status: u16,
     /// Which accepted connection (1-based) carried it.
@@ -392,6 +395,7 @@ fn serve(stream: TcpStream, shared: &Shared, conn_id: u64) -> io::Result<()> {
                     path,
                     headers: head.headers.clone(),
                     body_len: body.len(),
+                    body: body.clone(),
                     status: 0,
                     connection: conn_id,
                     received_at: Instant::now(),
