@@ -119,15 +119,21 @@
 //! failures arrive as a `grpc-status` (usually with HTTP 200), so the HTTP
 //! conditions are the wrong language for them. A gRPC call gets the gRPC
 //! conditions of the block in `x-envoy-retry-grpc-on`: those configured, or
-//! `unavailable` alone when none are. gRPC defines UNAVAILABLE as "the
-//! service is currently unavailable... most likely a transient condition,
-//! which can be corrected by retrying" and servers answer it when they did
-//! not process the call (draining, overloaded, not ready); INTERNAL,
+//! `unavailable` alone when none are. gRPC's status-code guide calls
+//! UNAVAILABLE "most likely a transient condition, which can be corrected
+//! by retrying with a backoff", and it is the code servers and gRPC
+//! libraries use for a call that was not processed: a server draining or
+//! not serving yet, an overloaded server shedding load, a transport that
+//! failed before the call started. (The same guide warns that it is "not
+//! always safe to retry non-idempotent operations": a handler that returns
+//! UNAVAILABLE after acting breaks that convention, and its service should
+//! list its own gRPC conditions, which replace the default.) INTERNAL,
 //! CANCELLED, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED say nothing about
 //! whether the call had its effect, so they are retried only when the
-//! service lists them. Its HTTP conditions are narrowed as any POST's (a
-//! `reset` mid-call is exactly the case where the server may have acted),
-//! unless the call is opted in as above.
+//! service lists them. A gRPC call's HTTP conditions are narrowed as any
+//! POST's (a `reset` mid-call is exactly the case where the server may
+//! have acted; gRPC's own transparent retry is likewise limited to calls
+//! that never left the client), unless the call is opted in as above.
 //!
 //! A request whose conditions all go (a service with `retry_on: "5xx"` and
 //! a POST) plans no retry: `x-envoy-max-retries: 0`, the condition headers
