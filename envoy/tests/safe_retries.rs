@@ -231,3 +231,43 @@ fn a_post_whose_connection_was_refused_is_retried_on_the_healthy_endpoint() {
         "{retries} retries"
     );
 }
+
+/// gRPC in the shape Envoy's router judges it: the request's
+/// `content-type: application/grpc`, the answer's `grpc-status` in the
+/// response headers (a trailers-only response). The harness's upstream
+/// speaks HTTP/1.1, and Envoy's router reads `grpc-status` from the
+/// response headers whatever the protocol, so a 200 with `grpc-status: 14`
+/// is an UNAVAILABLE to its retry policy. Each answer is a failure after the
+/// call was received (a write recorded).
+#[test]
+fn grpc_calls_are_retried_on_unavailable_and_not_on_internal() {
+    let upstream = Upstream::start("grpc").unwrap();
+    upstream.set_fail_all(true);
+    upstream.set_fail_status(200);
+    let envoy = start(&[upstream.port()]);
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let mut attempts = Vec::new();
+    for (label, status) in [("unavailable", "14"), ("internal", "13")] {
+        upstream.set_fail_header(Some(("grpc-status", status)));
+        let statuses = send(&envoy, label, "POST", "/shop.Orders/Create", &grpc, 5);
+        assert!(
+            statuses.iter().all(|&status| status == 200),
+            "{label}: {statuses:?}"
+        );
+        let counts = writes(&upstream, label);
+        assert_eq!(counts.len(), 5, "{label}");
+        attempts.push((
+            label,
+            counts.values().sum::<u64>(),
+            counts.values().max().copied(),
+        ));
+    }
+    println!(
+        "gRPC calls (grpc-status in the response headers), max_retries 2, default conditions:"
+    );
+    for (label, total, max) in &attempts {
+        println!("  5 calls answered {label}: {total} attempts, max {max:?} per call");
+    }
+    assert_eq!(attempts[0].1, 15, "UNAVAILABLE is retried twice");
+    assert_eq!(attempts[1].1, 5, "INTERNAL is not retried");
+}
