@@ -36,6 +36,9 @@ pub struct RecordedRequest {
     /// Header names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// The request body, as received (every attempt's: for an upstream that
+    /// counts side effects, each body it accepted is one write).
+    pub body: Vec<u8>,
     /// Status this upstream answered with (0 if it hung and never answered).
     pub status: u16,
     /// Which accepted connection (1-based) carried it.
@@ -64,6 +67,8 @@ struct Shared {
     slow_delay_ms: AtomicU64,
     slow_seq: AtomicU64,
     hang: AtomicBool,
+    /// An extra header on injected failures (e.g. `grpc-status`).
+    fail_header: Mutex<Option<(String, String)>>,
     // Counters.
     requests: AtomicU64,
     failed: AtomicU64,
@@ -104,6 +109,7 @@ impl Upstream {
             slow_delay_ms: AtomicU64::new(0),
             slow_seq: AtomicU64::new(0),
             hang: AtomicBool::new(false),
+            fail_header: Mutex::new(None),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             fraction_seq: AtomicU64::new(0),
@@ -162,6 +168,16 @@ impl Upstream {
         self.shared.fail_status.store(status, Ordering::SeqCst);
     }
 
+    /// An extra header on injected failures (`None`: none): with
+    /// `set_fail_status(200)` and `grpc-status: 14`, a failure looks like a
+    /// gRPC trailers-only UNAVAILABLE to Envoy's router (which reads the
+    /// status from the response headers, whatever the protocol).
+    pub fn set_fail_header(&self, header: Option<(&str, &str)>) {
+        if let Ok(mut slot) = self.shared.fail_header.lock() {
+            *slot = header.map(|(name, value)| (name.to_string(), value.to_string()));
+        }
+    }
+
     /// Delay every response by `d`.
     pub fn set_delay(&self, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -194,6 +210,7 @@ impl Upstream {
         self.set_delay(Duration::ZERO);
         self.set_slow_rate(0.0, Duration::ZERO);
         self.set_hang(false);
+        self.set_fail_header(None);
     }
 
     // ---- observation -----------------------------------------------------
@@ -392,6 +409,7 @@ fn serve(stream: TcpStream, shared: &Shared, conn_id: u64) -> io::Result<()> {
                     path,
                     headers: head.headers.clone(),
                     body_len: body.len(),
+                    body: body.clone(),
                     status: 0,
                     connection: conn_id,
                     received_at: Instant::now(),
@@ -451,6 +469,11 @@ fn serve(stream: TcpStream, shared: &Shared, conn_id: u64) -> io::Result<()> {
              x-upstream-seq: {seq}\r\ncontent-length: {}\r\n",
             if method == "HEAD" { 0 } else { text.len() }
         );
+        if fail {
+            if let Some((name, value)) = shared.fail_header.lock().ok().and_then(|h| h.clone()) {
+                out.push_str(&format!("{name}: {value}\r\n"));
+            }
+        }
         if close {
             out.push_str("connection: close\r\n");
         }

@@ -94,6 +94,52 @@
 //! attempt) stops them at the deadline, and the unused reservation is
 //! refunded. Hostile values (garbage, signs, more than 8 gRPC digits,
 //! overflow) are ignored, as if no deadline had been sent.
+//!
+//! # Which requests are retried
+//!
+//! A retry sends the request again. For a request that may already have had
+//! its effect (an order written, a card charged) that is a duplicate, so the
+//! conditions a request is armed with depend on whether replaying it is safe:
+//!
+//! - a request whose method RFC 9110 (§9.2.2) defines as idempotent (`GET`,
+//!   `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`; methods are case-sensitive)
+//!   gets the service's conditions as configured;
+//! - so does a request the service or the client declares safe: one that
+//!   carries an `Idempotency-Key` header (the IETF httpapi draft: the server
+//!   deduplicates by it), or whose method or path prefix is listed in the
+//!   retry block's `idempotent`;
+//! - any other request (`POST`, `PATCH`, an unknown method, no method at
+//!   all) gets only the conditions under which it provably never reached the
+//!   application: the service's own among `connect-failure`,
+//!   `refused-stream` and `reset-before-request` (never one it did not
+//!   configure), and no gRPC condition. `reset`, `5xx`, `gateway-error` and
+//!   the rest fire after the upstream may have processed the request.
+//!
+//! gRPC calls (`content-type: application/grpc...`) are all POSTs, and their
+//! failures arrive as a `grpc-status` (usually with HTTP 200), so the HTTP
+//! conditions are the wrong language for them. A gRPC call gets the gRPC
+//! conditions of the block in `x-envoy-retry-grpc-on`: those configured, or
+//! `unavailable` alone when none are. gRPC's status-code guide calls
+//! UNAVAILABLE "most likely a transient condition, which can be corrected
+//! by retrying with a backoff", and it is the code servers and gRPC
+//! libraries use for a call that was not processed: a server draining or
+//! not serving yet, an overloaded server shedding load, a transport that
+//! failed before the call started. (The same guide warns that it is "not
+//! always safe to retry non-idempotent operations": a handler that returns
+//! UNAVAILABLE after acting breaks that convention, and its service should
+//! list its own gRPC conditions, which replace the default.) INTERNAL,
+//! CANCELLED, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED say nothing about
+//! whether the call had its effect, so they are retried only when the
+//! service lists them. A gRPC call's HTTP conditions are narrowed as any
+//! POST's (a `reset` mid-call is exactly the case where the server may
+//! have acted; gRPC's own transparent retry is likewise limited to calls
+//! that never left the client), unless the call is opted in as above.
+//!
+//! A request whose conditions all go (a service with `retry_on: "5xx"` and
+//! a POST) plans no retry: `x-envoy-max-retries: 0`, the condition headers
+//! removed, nothing reserved; it is still deposited as a request, as a
+//! request whose deadline leaves no retry is. Each request narrowed for
+//! safety counts in `sluice.<service>.retry.withheld_unsafe`.
 
 use crate::sticky::mix;
 
@@ -122,6 +168,33 @@ pub const GRPC_POLICIES: &[&str] = &[
     "resource-exhausted",
     "unavailable",
 ];
+
+/// The HTTP conditions under which a request provably never reached the
+/// application: the connection was never made, the stream was refused
+/// before any of it was processed (HTTP/2 `REFUSED_STREAM`, RFC 9113
+/// §8.7), or the upstream reset it before the request was sent. These are
+/// the only ones a request that is not idempotent keeps.
+pub const PRE_REQUEST_CONDITIONS: [&str; 3] =
+    ["connect-failure", "refused-stream", "reset-before-request"];
+
+/// The methods RFC 9110 §9.2.2 defines as idempotent (case-sensitive, as
+/// methods are).
+pub const IDEMPOTENT_METHODS: [&[u8]; 6] =
+    [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"];
+
+/// A request carrying it is treated as idempotent (IETF httpapi draft
+/// "The Idempotency-Key HTTP Header Field": the server deduplicates by it).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The gRPC conditions of a gRPC call when the service configured none:
+/// UNAVAILABLE is what a server answers when it did not process the call.
+pub const DEFAULT_GRPC_CALL_RETRY_ON: &str = "unavailable";
+
+/// Bounds on `idempotent`, so that the request path's matching stays short.
+pub const MAX_IDEMPOTENT_METHODS: usize = 32;
+pub const MAX_IDEMPOTENT_PATH_PREFIXES: usize = 64;
+pub const MAX_METHOD_LEN: usize = 64;
+pub const MAX_PATH_PREFIX_LEN: usize = 1024;
 
 pub const DEFAULT_RETRY_ON: &str = "5xx,reset,connect-failure,refused-stream";
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
@@ -180,6 +253,39 @@ pub struct RetryPolicy {
     pub budget: Budget,
     /// Lower-cased; `grpc-timeout` is always read as well.
     pub deadline_header: Option<String>,
+    /// What the service declares safe to retry beyond RFC 9110's methods.
+    pub idempotent: Idempotent,
+    /// Derived from `retry_on` (see `RetryPolicy::set_conditions`): its
+    /// `PRE_REQUEST_CONDITIONS`, in the configured order, for requests that
+    /// are not idempotent.
+    pub safe_retry_on: String,
+    /// Derived from `retry_grpc_on`: it, or `unavailable` when empty, for
+    /// gRPC calls.
+    pub grpc_call_retry_on: String,
+}
+
+/// `retry.idempotent`: requests the service declares safe to retry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Idempotent {
+    /// Methods, compared case-sensitively (HTTP tokens).
+    pub methods: Vec<String>,
+    /// `:path` prefixes, each starting with `/`, compared byte for byte.
+    pub path_prefixes: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// Sets the HTTP and gRPC conditions and what is derived from them at
+    /// config time, so that the request path only borrows strings.
+    pub fn set_conditions(&mut self, retry_on: String, retry_grpc_on: String) {
+        self.safe_retry_on = safe_conditions(&retry_on);
+        self.grpc_call_retry_on = if retry_grpc_on.is_empty() {
+            DEFAULT_GRPC_CALL_RETRY_ON.to_string()
+        } else {
+            retry_grpc_on.clone()
+        };
+        self.retry_on = retry_on;
+        self.retry_grpc_on = retry_grpc_on;
+    }
 }
 
 /// The budget parameters. The ratio is kept in millionths so that the
@@ -211,7 +317,162 @@ impl Default for RetryPolicy {
             timeout_ms: None,
             budget: Budget::default(),
             deadline_header: None,
+            idempotent: Idempotent::default(),
+            safe_retry_on: safe_conditions(DEFAULT_RETRY_ON),
+            grpc_call_retry_on: DEFAULT_GRPC_CALL_RETRY_ON.to_string(),
         }
+    }
+}
+
+// ------------------------------------------------------------ safe retries
+
+/// `retry_on`'s conditions under which the request never reached the
+/// application (`PRE_REQUEST_CONDITIONS`), in its order: never one it does
+/// not list.
+pub fn safe_conditions(retry_on: &str) -> String {
+    let kept: Vec<&str> = retry_on
+        .split(',')
+        .map(|item| item.trim_matches([' ', '\t']))
+        .filter(|item| PRE_REQUEST_CONDITIONS.contains(item))
+        .collect();
+    kept.join(",")
+}
+
+/// Whether a comma-separated list of conditions (for `x-envoy-retry-on` or
+/// `x-envoy-retry-grpc-on`) has any that may retry a request the
+/// application already received: any condition outside
+/// `PRE_REQUEST_CONDITIONS`, gRPC ones included (a `grpc-status` is a
+/// response). For the fuzz oracle: a request that is not idempotent and
+/// not opted in must never be armed with such a list, gRPC calls' own
+/// `x-envoy-retry-grpc-on` excepted.
+pub fn conditions_after_response(conditions: &str) -> bool {
+    conditions
+        .split(',')
+        .map(|item| item.trim_matches([' ', '\t']))
+        .any(|item| !item.is_empty() && !PRE_REQUEST_CONDITIONS.contains(&item))
+}
+
+/// RFC 9110 §9.2.2: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`,
+/// case-sensitively.
+pub fn is_idempotent_method(method: &[u8]) -> bool {
+    IDEMPOTENT_METHODS.contains(&method)
+}
+
+/// A gRPC call: `content-type` starting with `application/grpc`
+/// (`application/grpc`, `application/grpc+proto`, `application/grpc-web`
+/// ...), the media type compared case-insensitively as RFC 9110 says.
+pub fn is_grpc(content_type: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    content_type
+        .get(..GRPC.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(GRPC))
+}
+
+/// The request facts the classification reads, borrowed from the request
+/// headers (`None`: absent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestFacts<'a> {
+    pub method: Option<&'a [u8]>,
+    pub path: Option<&'a [u8]>,
+    pub content_type: Option<&'a [u8]>,
+    pub idempotency_key: Option<&'a [u8]>,
+}
+
+/// Why a request may be replayed; `None` from `safe_to_replay`: it may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayable {
+    /// An RFC 9110 idempotent method.
+    Method,
+    /// It carries a non-empty `Idempotency-Key`.
+    IdempotencyKey,
+    /// Its method is in `idempotent.methods`.
+    ConfiguredMethod,
+    /// Its path starts with one of `idempotent.path_prefixes`.
+    ConfiguredPath,
+}
+
+/// Whether the request may be replayed, and why. A missing method is an
+/// unknown one; an `Idempotency-Key` of only whitespace is none.
+pub fn safe_to_replay(policy: &RetryPolicy, request: &RequestFacts<'_>) -> Option<Replayable> {
+    let method = request.method.unwrap_or_default();
+    if is_idempotent_method(method) {
+        return Some(Replayable::Method);
+    }
+    if request
+        .idempotency_key
+        .is_some_and(|key| !trim_ows(key).is_empty())
+    {
+        return Some(Replayable::IdempotencyKey);
+    }
+    let idempotent = &policy.idempotent;
+    if request.method.is_some()
+        && idempotent
+            .methods
+            .iter()
+            .any(|listed| listed.as_bytes() == method)
+    {
+        return Some(Replayable::ConfiguredMethod);
+    }
+    if let Some(path) = request.path {
+        if idempotent
+            .path_prefixes
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_bytes()))
+        {
+            return Some(Replayable::ConfiguredPath);
+        }
+    }
+    None
+}
+
+/// Which of the policy's condition lists a request is armed with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Safe to replay, not gRPC: `retry_on` and `retry_grpc_on`, as
+    /// configured.
+    #[default]
+    Replayable,
+    /// Not safe to replay, not gRPC: `safe_retry_on` only.
+    Unsafe,
+    /// A gRPC call safe to replay (opted in): `retry_on` and the gRPC
+    /// call conditions.
+    GrpcReplayable,
+    /// A gRPC call: `safe_retry_on` and the gRPC call conditions.
+    Grpc,
+}
+
+/// The request's kind (see the module documentation).
+pub fn classify(policy: &RetryPolicy, request: &RequestFacts<'_>) -> RequestKind {
+    let replayable = safe_to_replay(policy, request).is_some();
+    let grpc = request.content_type.is_some_and(is_grpc);
+    match (grpc, replayable) {
+        (false, true) => RequestKind::Replayable,
+        (false, false) => RequestKind::Unsafe,
+        (true, true) => RequestKind::GrpcReplayable,
+        (true, false) => RequestKind::Grpc,
+    }
+}
+
+/// The values of `x-envoy-retry-on` and `x-envoy-retry-grpc-on` for a kind
+/// (empty: remove the header), borrowed from the policy.
+pub fn conditions(policy: &RetryPolicy, kind: RequestKind) -> (&str, &str) {
+    match kind {
+        RequestKind::Replayable => (&policy.retry_on, &policy.retry_grpc_on),
+        RequestKind::Unsafe => (&policy.safe_retry_on, ""),
+        RequestKind::GrpcReplayable => (&policy.retry_on, &policy.grpc_call_retry_on),
+        RequestKind::Grpc => (&policy.safe_retry_on, &policy.grpc_call_retry_on),
+    }
+}
+
+/// Whether a kind's conditions are narrower than the policy's as
+/// configured: an HTTP condition dropped, or the gRPC conditions dropped
+/// from a request that is not a gRPC call.
+fn narrowed(policy: &RetryPolicy, kind: RequestKind) -> bool {
+    let http_narrowed = policy.safe_retry_on.len() != policy.retry_on.len();
+    match kind {
+        RequestKind::Replayable | RequestKind::GrpcReplayable => false,
+        RequestKind::Unsafe => http_narrowed || !policy.retry_grpc_on.is_empty(),
+        RequestKind::Grpc => http_narrowed,
     }
 }
 
@@ -293,10 +554,23 @@ pub struct Plan {
     pub per_try_timeout_ms: Option<u64>,
     /// The client's deadline lowered the retries (a metric).
     pub deadline_cut: bool,
+    /// Which condition lists the request is armed with.
+    pub kind: RequestKind,
+    /// Its conditions were narrowed for safety (the `withheld_unsafe`
+    /// metric); false for a policy that never retries.
+    pub withheld: bool,
 }
 
-/// The per-request plan from the policy and the client's deadline.
+/// The per-request plan from the policy and the client's deadline, for a
+/// request that is safe to replay (the conditions as configured).
 pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
+    plan_for(policy, deadline_ms, RequestKind::Replayable)
+}
+
+/// The per-request plan from the policy, the client's deadline and the
+/// request's kind (`classify`). A request left with no condition at all
+/// plans no retry (and no deadline cut): the budget reserves nothing for it.
+pub fn plan_for(policy: &RetryPolicy, deadline_ms: Option<u64>, kind: RequestKind) -> Plan {
     // Envoy reads a timeout of 0 as "no timeout": an expired deadline
     // ("0n") must become the shortest timeout, not an infinite one.
     let deadline = deadline_ms.map(|deadline| deadline.max(1));
@@ -304,7 +578,9 @@ pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
         (Some(timeout), Some(deadline)) => Some(timeout.min(deadline)),
         (timeout, _) => timeout,
     };
-    let mut max_retries = policy.max_retries;
+    let (http, grpc) = conditions(policy, kind);
+    let none_left = http.is_empty() && grpc.is_empty();
+    let mut max_retries = if none_left { 0 } else { policy.max_retries };
     let mut deadline_cut = false;
     if let (Some(deadline), Some(per_try)) = (deadline, policy.per_try_timeout_ms) {
         let attempts = (deadline / per_try.max(1)).max(1);
@@ -319,14 +595,17 @@ pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
         timeout_ms,
         per_try_timeout_ms: policy.per_try_timeout_ms,
         deadline_cut,
+        kind,
+        withheld: policy.max_retries > 0 && narrowed(policy, kind),
     }
 }
 
 /// Every request header the filter owns, without allocating: calls
 /// `write(name, value)` for each of the nine (`None`: remove it), numbers
-/// written into a stack buffer and the policy's lists borrowed. Apply ALL
-/// of them to every request of the service: the client's values must never
-/// reach the router, whatever they say.
+/// written into a stack buffer and the policy's lists borrowed (the ones
+/// `plan.kind` selects, all prepared at config time). Apply ALL of them to
+/// every request of the service: the client's values must never reach the
+/// router, whatever they say.
 pub fn for_each_request_header(
     policy: &RetryPolicy,
     plan: &Plan,
@@ -341,8 +620,9 @@ pub fn for_each_request_header(
             &mut digits,
         )),
     );
-    write(RETRY_ON_HEADER, non_empty(&policy.retry_on));
-    write(RETRY_GRPC_ON_HEADER, non_empty(&policy.retry_grpc_on));
+    let (http, grpc) = conditions(policy, plan.kind);
+    write(RETRY_ON_HEADER, non_empty(http));
+    write(RETRY_GRPC_ON_HEADER, non_empty(grpc));
     match plan.timeout_ms {
         Some(ms) => write(TIMEOUT_HEADER, Some(decimal(ms, &mut digits))),
         None => write(TIMEOUT_HEADER, None),

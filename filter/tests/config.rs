@@ -512,3 +512,60 @@ fn state_keys_do_not_depend_on_the_parser() {
     );
     assert_eq!(sluice::sticky::bucket(b"shop", b"alice"), 6746);
 }
+
+#[test]
+fn retry_idempotent_is_validated_like_every_other_key() {
+    let retry =
+        |idempotent: &str| with_service(&format!(r#", "retry": {{"idempotent": {idempotent}}}"#));
+    let many_methods = format!(
+        "{{\"methods\": [{}]}}",
+        (0..33)
+            .map(|i| format!("\"M{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let many_prefixes = format!(
+        "{{\"path_prefixes\": [{}]}}",
+        (0..65)
+            .map(|i| format!("\"/p{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let long_prefix = format!("{{\"path_prefixes\": [\"/{}\"]}}", "a".repeat(1024));
+    let cases: Vec<(String, &str)> = vec![
+        (retry(r#""POST""#), "services[0].retry.idempotent: must be an object, got a string"),
+        (retry("null"), "services[0].retry.idempotent: must be an object, got null"),
+        (retry(r#"{"verbs": ["POST"]}"#), "services[0].retry.idempotent.verbs: unknown key (expected one of: methods, path_prefixes)"),
+        (retry(r#"{"methods": "POST"}"#), "services[0].retry.idempotent.methods: must be a list, got a string"),
+        (retry(r#"{"methods": [1]}"#), "services[0].retry.idempotent.methods[0]: must be a string, got a number"),
+        (retry(r#"{"methods": ["POST", ""]}"#), "services[0].retry.idempotent.methods[1]: \"\" is not an HTTP method (1 to 64 token characters, case-sensitive)"),
+        (retry(r#"{"methods": ["PO ST"]}"#), "services[0].retry.idempotent.methods[0]: \"PO ST\" is not an HTTP method (1 to 64 token characters, case-sensitive)"),
+        (retry(r#"{"methods": ["POST", "POST"]}"#), "services[0].retry.idempotent.methods[1]: lists \"POST\" twice"),
+        (retry(&many_methods), "services[0].retry.idempotent.methods: too many methods (at most 32), got 33"),
+        (retry(r#"{"path_prefixes": ["api"]}"#), "services[0].retry.idempotent.path_prefixes[0]: must start with \"/\", got \"api\""),
+        (retry(r#"{"path_prefixes": [""]}"#), "services[0].retry.idempotent.path_prefixes[0]: must start with \"/\", got \"\""),
+        (retry(r#"{"path_prefixes": ["/a b"]}"#), "services[0].retry.idempotent.path_prefixes[0]: \"/a b\" is not a path prefix (at most 1024 visible ASCII characters, no spaces)"),
+        (retry(r#"{"path_prefixes": ["/a", "/a"]}"#), "services[0].retry.idempotent.path_prefixes[1]: lists \"/a\" twice"),
+        (retry(r#"{"path_prefixes": null}"#), "services[0].retry.idempotent.path_prefixes: must be a list, got null"),
+        (retry(&many_prefixes), "services[0].retry.idempotent.path_prefixes: too many path prefixes (at most 64), got 65"),
+    ];
+    for (json, expected) in &cases {
+        assert_eq!(&refused(json), expected, "{json}");
+    }
+    assert!(refused(&retry(&long_prefix))
+        .starts_with("services[0].retry.idempotent.path_prefixes[0]: \"/aaaa"));
+    // Accepted: both keys optional, methods kept as written (case matters).
+    let config = Config::parse(
+        retry(r#"{"methods": ["POST", "post", "X-CUSTOM"], "path_prefixes": ["/", "/api/v1/"]}"#)
+            .as_bytes(),
+    )
+    .unwrap();
+    let policy = config.services[0].retry.clone().unwrap();
+    assert_eq!(policy.idempotent.methods, ["POST", "post", "X-CUSTOM"]);
+    assert_eq!(policy.idempotent.path_prefixes, ["/", "/api/v1/"]);
+    let config = Config::parse(retry("{}").as_bytes()).unwrap();
+    assert_eq!(
+        config.services[0].retry.clone().unwrap().idempotent,
+        Default::default()
+    );
+}

@@ -11,8 +11,8 @@
 use sluice::config::Config;
 use sluice::retry::{
     budget_key, client_deadline_ms, dry_warning_due, for_each_request_header, fresh_state, level,
-    plan, reserve_settling, settle_all, BudgetState, Plan, Reservation, RetryPolicy, Settlement,
-    TOKEN,
+    plan, reserve_settling, settle_all, BudgetState, Plan, RequestKind, Reservation, RetryPolicy,
+    Settlement, TOKEN,
 };
 use sluice::shared::{ensure, MemoryStore, SharedStore, MAX_CAS_ATTEMPTS};
 use sluice::sticky::Rng;
@@ -228,7 +228,7 @@ fn numbers_out_of_range_are_refused_with_path_and_reason() {
 fn unknown_keys_and_bad_deadline_headers_are_refused() {
     assert_eq!(
         refused(r#"{"max_retry": 3}"#),
-        "services[0].retry.max_retry: unknown key (expected one of: max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header)"
+        "services[0].retry.max_retry: unknown key (expected one of: max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header, idempotent)"
     );
     assert_eq!(
         refused(r#"{"budget": {"ratio": 0.1, "ttl": 10}}"#),
@@ -326,7 +326,9 @@ fn a_deadline_cuts_the_retries_that_could_not_finish_inside_it() {
             max_retries: 5,
             timeout_ms: Some(5000),
             per_try_timeout_ms: Some(1000),
-            deadline_cut: false
+            deadline_cut: false,
+            kind: RequestKind::Replayable,
+            withheld: false,
         }
     );
     // 2.5 s fits two whole attempts of 1 s: one retry.
@@ -336,7 +338,9 @@ fn a_deadline_cuts_the_retries_that_could_not_finish_inside_it() {
             max_retries: 1,
             timeout_ms: Some(2_500),
             per_try_timeout_ms: Some(1000),
-            deadline_cut: true
+            deadline_cut: true,
+            kind: RequestKind::Replayable,
+            withheld: false,
         }
     );
     // Shorter than one attempt: the first attempt only.
@@ -352,7 +356,9 @@ fn a_deadline_cuts_the_retries_that_could_not_finish_inside_it() {
             max_retries: 0,
             timeout_ms: Some(1),
             per_try_timeout_ms: Some(1000),
-            deadline_cut: true
+            deadline_cut: true,
+            kind: RequestKind::Replayable,
+            withheld: false,
         }
     );
 }
@@ -368,7 +374,9 @@ fn without_per_try_or_overall_timeouts_a_deadline_neither_cuts_nor_raises() {
             max_retries: 2,
             timeout_ms: Some(200),
             per_try_timeout_ms: None,
-            deadline_cut: false
+            deadline_cut: false,
+            kind: RequestKind::Replayable,
+            withheld: false,
         }
     );
     // No timeout_ms: the route's own timeout stands (the client's value could raise it).
@@ -379,7 +387,9 @@ fn without_per_try_or_overall_timeouts_a_deadline_neither_cuts_nor_raises() {
             max_retries: 1,
             timeout_ms: None,
             per_try_timeout_ms: Some(100),
-            deadline_cut: true
+            deadline_cut: true,
+            kind: RequestKind::Replayable,
+            withheld: false,
         }
     );
     assert_eq!(plan(&RetryPolicy::default(), Some(1)).timeout_ms, None);

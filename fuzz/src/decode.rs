@@ -34,6 +34,14 @@ const VALUES: &[&str] = &[
     "18446744073709551616",
     " 5 ",
     "-1",
+    "GET",
+    "POST",
+    "PUT",
+    "get",
+    "PATCH",
+    "application/grpc",
+    "application/grpc+proto",
+    "text/plain",
 ];
 
 fn pick<'a>(u: &mut Unstructured<'_>, list: &[&'a str]) -> Result<&'a str> {

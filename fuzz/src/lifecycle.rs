@@ -90,6 +90,10 @@ pub const HEADER_NAMES: &[&str] = &[
     "x-sluice-cluster",
     "x-envoy-max-retries",
     "x-tenant",
+    ":method",
+    "content-type",
+    "idempotency-key",
+    "x-envoy-retry-on",
 ];
 
 /// Authorities and paths the templates match, for the same reason.
@@ -895,6 +899,46 @@ fn values<'s>(stream: &'s StreamState, name: &str) -> Vec<&'s [u8]> {
         .collect()
 }
 
+/// Safe retries: a request that may already have had its effect (not an
+/// idempotent method, no opt-in) is never armed with a condition that
+/// retries after a response; a gRPC call's own conditions are its gRPC
+/// ones (the configured, else `unavailable`), any other request gets none.
+fn check_safe_retry(
+    policy: &retry::RetryPolicy,
+    headers: &Headers,
+    stream: &StreamState,
+) -> Result<(), String> {
+    let facts = retry::RequestFacts {
+        method: headers.get(":method"),
+        path: headers.get(":path"),
+        content_type: headers.get("content-type"),
+        idempotency_key: headers.get(retry::IDEMPOTENCY_KEY_HEADER),
+    };
+    if retry::safe_to_replay(policy, &facts).is_some() {
+        return Ok(());
+    }
+    let retry_on = values(stream, retry::RETRY_ON_HEADER);
+    ensure(retry_on.len() <= 1, || format!("{retry_on:?} written"))?;
+    if let Some(conditions) = retry_on.first() {
+        let conditions = String::from_utf8_lossy(conditions);
+        ensure(!retry::conditions_after_response(&conditions), || {
+            format!("a request that may not be replayed ({facts:?}) is armed with {conditions:?}")
+        })?;
+    }
+    let grpc_on = values(stream, retry::RETRY_GRPC_ON_HEADER);
+    let grpc_call = facts.content_type.is_some_and(retry::is_grpc);
+    let expected: Vec<&[u8]> = if grpc_call && policy.max_retries > 0 {
+        vec![policy.grpc_call_retry_on.as_bytes()]
+    } else if grpc_call {
+        grpc_on.clone()
+    } else {
+        Vec::new()
+    };
+    ensure(grpc_on == expected, || {
+        format!("{facts:?} is armed with gRPC conditions {grpc_on:?}, expected {expected:?}")
+    })
+}
+
 impl Sim {
     /// Parses every variant (a template that does not parse is a failure:
     /// its numbers are within the documented ranges) and applies the first
@@ -1393,6 +1437,7 @@ impl Sim {
                         retry::MAX_RETRIES_HEADER
                     )
                 })?;
+                check_safe_retry(policy, &headers, &stream)?;
                 charge
             }
             None => {

@@ -4,14 +4,15 @@
 use super::format_weight;
 use super::raw::{self, List, Number, Obj, Text, Whole};
 use super::validate::{
-    error, fixed_in, header_name, join, quote, required, weight, whole_in, Result,
+    error, fixed_in, header_name, is_token_byte, join, quote, required, weight, whole_in, Result,
 };
 use crate::breaker::{BreakerConfig, SlowCalls, DEFAULT_MAX_OPEN_MS, MAX_DURATION_MS};
 use crate::decimal::PPM;
 use crate::retry::{
-    Budget, RetryPolicy, DEFAULT_MAX_RETRIES, DEFAULT_MIN_PER_S, DEFAULT_RATIO_PPM,
+    Budget, Idempotent, RetryPolicy, DEFAULT_MAX_RETRIES, DEFAULT_MIN_PER_S, DEFAULT_RATIO_PPM,
     DEFAULT_RETRY_ON, DEFAULT_WINDOW_S, GRPC_POLICIES, GRPC_TIMEOUT_HEADER, HTTP_POLICIES,
-    MAX_MAX_RETRIES, MAX_MIN_PER_S, MAX_PER_TRY_TIMEOUT_MS, MAX_TIMEOUT_MS, MAX_WINDOW_S,
+    MAX_IDEMPOTENT_METHODS, MAX_IDEMPOTENT_PATH_PREFIXES, MAX_MAX_RETRIES, MAX_METHOD_LEN,
+    MAX_MIN_PER_S, MAX_PATH_PREFIX_LEN, MAX_PER_TRY_TIMEOUT_MS, MAX_TIMEOUT_MS, MAX_WINDOW_S,
     OWNED_HEADERS,
 };
 use crate::rollout::{RolloutConfig, DEFAULT_MIN_REQUESTS, MAX_START_S, MAX_STEPS, MAX_STEP_S};
@@ -89,14 +90,107 @@ pub(super) fn retry(raw: raw::Retry, path: &str) -> Result<RetryPolicy> {
         Some(Text(name)) => Some(deadline_header_name(&name, &join(path, "deadline_header"))?),
         None => None,
     };
-    Ok(RetryPolicy {
+    let idempotent = match raw.idempotent.0 {
+        Some(Obj(idempotent)) => self::idempotent(idempotent, &join(path, "idempotent"))?,
+        None => Idempotent::default(),
+    };
+    let mut policy = RetryPolicy {
         max_retries,
-        retry_on,
-        retry_grpc_on,
         per_try_timeout_ms,
         timeout_ms,
         budget,
         deadline_header,
+        idempotent,
+        ..RetryPolicy::default()
+    };
+    policy.set_conditions(retry_on, retry_grpc_on);
+    Ok(policy)
+}
+
+/// `retry.idempotent`: `methods` (HTTP tokens, case-sensitive, as RFC 9110
+/// compares methods) and `path_prefixes` (each starting with `/`, visible
+/// ASCII); both optional, duplicates refused.
+fn idempotent(raw: raw::Idempotent, path: &str) -> Result<Idempotent> {
+    let methods = match raw.methods.0 {
+        Some(List(items)) => {
+            let methods_path = join(path, "methods");
+            if items.len() > MAX_IDEMPOTENT_METHODS {
+                return error(
+                    &methods_path,
+                    format!(
+                        "too many methods (at most {MAX_IDEMPOTENT_METHODS}), got {}",
+                        items.len()
+                    ),
+                );
+            }
+            let mut methods: Vec<String> = Vec::with_capacity(items.len());
+            for (index, Text(method)) in items.into_iter().enumerate() {
+                let item_path = format!("{methods_path}[{index}]");
+                if method.is_empty()
+                    || method.len() > MAX_METHOD_LEN
+                    || !method.bytes().all(is_token_byte)
+                {
+                    return error(
+                        &item_path,
+                        format!(
+                            "{} is not an HTTP method (1 to {MAX_METHOD_LEN} token characters, case-sensitive)",
+                            quote(&method)
+                        ),
+                    );
+                }
+                if methods.contains(&method) {
+                    return error(&item_path, format!("lists {} twice", quote(&method)));
+                }
+                methods.push(method);
+            }
+            methods
+        }
+        None => Vec::new(),
+    };
+    let path_prefixes = match raw.path_prefixes.0 {
+        Some(List(items)) => {
+            let prefixes_path = join(path, "path_prefixes");
+            if items.len() > MAX_IDEMPOTENT_PATH_PREFIXES {
+                return error(
+                    &prefixes_path,
+                    format!(
+                        "too many path prefixes (at most {MAX_IDEMPOTENT_PATH_PREFIXES}), got {}",
+                        items.len()
+                    ),
+                );
+            }
+            let mut prefixes: Vec<String> = Vec::with_capacity(items.len());
+            for (index, Text(prefix)) in items.into_iter().enumerate() {
+                let item_path = format!("{prefixes_path}[{index}]");
+                if !prefix.starts_with('/') {
+                    return error(
+                        &item_path,
+                        format!("must start with \"/\", got {}", quote(&prefix)),
+                    );
+                }
+                if prefix.len() > MAX_PATH_PREFIX_LEN
+                    || !prefix.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return error(
+                        &item_path,
+                        format!(
+                            "{} is not a path prefix (at most {MAX_PATH_PREFIX_LEN} visible ASCII characters, no spaces)",
+                            quote(&prefix)
+                        ),
+                    );
+                }
+                if prefixes.contains(&prefix) {
+                    return error(&item_path, format!("lists {} twice", quote(&prefix)));
+                }
+                prefixes.push(prefix);
+            }
+            prefixes
+        }
+        None => Vec::new(),
+    };
+    Ok(Idempotent {
+        methods,
+        path_prefixes,
     })
 }
 

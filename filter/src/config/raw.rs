@@ -78,6 +78,14 @@ pub(super) struct Retry {
     pub per_try_timeout_ms: Opt<Whole>,
     pub budget: Opt<Obj<Budget>>,
     pub deadline_header: Opt<Text>,
+    pub idempotent: Opt<Obj<Idempotent>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Idempotent {
+    pub methods: Opt<List<Text>>,
+    pub path_prefixes: Opt<List<Text>>,
 }
 
 #[derive(Default, Deserialize)]

@@ -666,7 +666,7 @@ fn device_class(name: &str, path: &str) -> Result<DeviceClass> {
 // ------------------------------------------------------------------ names
 
 /// A byte of an HTTP token (RFC 9110): header and cookie names.
-fn is_token_byte(byte: u8) -> bool {
+pub(super) fn is_token_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 

@@ -525,13 +525,27 @@ fn govern_retries(
         .as_deref()
         .and_then(|name| pairs.get(name));
     let deadline = retry::client_deadline_ms(grpc_timeout, deadline_header);
-    let plan = retry::plan(policy, deadline);
+    // Which conditions the request may have: from the headers already
+    // read, no host call (see `retry`, "Which requests are retried").
+    let kind = retry::classify(
+        policy,
+        &retry::RequestFacts {
+            method: pairs.get(":method"),
+            path: pairs.get(":path"),
+            content_type: pairs.get("content-type"),
+            idempotency_key: pairs.get(retry::IDEMPOTENCY_KEY_HEADER),
+        },
+    );
+    let plan = retry::plan_for(policy, deadline, kind);
     if plan.deadline_cut {
         runtime.deadline_cut.increment();
     }
-    // Even a request whose deadline leaves it no retry is deposited: the
-    // budget is a share of all requests. Only a policy that never retries
-    // skips the store.
+    if plan.withheld {
+        runtime.withheld_unsafe.increment();
+    }
+    // Even a request whose deadline (or whose safety) leaves it no retry is
+    // deposited: the budget is a share of all requests. Only a policy that
+    // never retries skips the store.
     let reservation = if policy.max_retries == 0 {
         Reservation::unrecorded(0)
     } else {

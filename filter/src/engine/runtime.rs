@@ -88,6 +88,8 @@ pub struct RetryRuntime {
     pub granted: Counter,
     pub denied: Counter,
     pub deadline_cut: Counter,
+    /// Requests whose retry conditions were narrowed for safety.
+    pub withheld_unsafe: Counter,
     level: Gauge,
     pub last_dry_warning_ms: Cell<Option<u64>>,
     /// Finished requests' reservations, written with the next reservation.
@@ -162,6 +164,7 @@ impl ServiceRuntime {
                 granted: Counter::define(host, &format!("{prefix}.retry.granted")),
                 denied: Counter::define(host, &format!("{prefix}.retry.denied")),
                 deadline_cut: Counter::define(host, &format!("{prefix}.retry.deadline_cut")),
+                withheld_unsafe: Counter::define(host, &format!("{prefix}.retry.withheld_unsafe")),
                 level: Gauge::define(host, &format!("{prefix}.retry.budget_level")),
                 last_dry_warning_ms: Cell::new(None),
                 held: RefCell::new(Vec::new()),
@@ -554,6 +557,7 @@ impl Active {
                 retry_runtime.granted.flush(host);
                 retry_runtime.denied.flush(host);
                 retry_runtime.deadline_cut.flush(host);
+                retry_runtime.withheld_unsafe.flush(host);
             }
             if let Some(config) = &service.breaker {
                 for side in [Side::Stable, Side::Canary] {
