@@ -462,12 +462,10 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
     }
     let baseline_wasm = match std::env::var_os("SLUICE_BASELINE_WASM") {
         Some(path) => PathBuf::from(path),
-        None if options.setups.contains(&Setup::SluiceBaseline) => {
-            return Err(
-                "the sluice-baseline setup needs SLUICE_BASELINE_WASM=<the other build's sluice.wasm>"
-                    .to_string(),
-            )
-        }
+        None if options.setups.contains(&Setup::SluiceBaseline) => return Err(
+            "the sluice-baseline setup needs SLUICE_BASELINE_WASM=<the other build's sluice.wasm>"
+                .to_string(),
+        ),
         None => sluice_wasm.clone(),
     };
     if options.setups.contains(&Setup::SluiceBaseline) {

@@ -464,7 +464,12 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
             steering_routes(),
         ),
         Setup::SluiceBaseline => (
-            wasm_filter("sluice", "sluice", inputs.baseline_wasm, inputs.sluice_config),
+            wasm_filter(
+                "sluice",
+                "sluice",
+                inputs.baseline_wasm,
+                inputs.sluice_config,
+            ),
             steering_routes(),
         ),
         Setup::SluiceCalls => (
