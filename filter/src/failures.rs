@@ -11,7 +11,10 @@
 //! not the service's). Either way an upstream failure flag (reset,
 //! connection failure, timeout: `breaker::UPSTREAM_FAILURE_FLAGS`) is a
 //! failure, and a request with no status at all is a failure only when
-//! such a flag says why.
+//! such a flag says why, or, for gRPC, when its client reset it at its
+//! `grpc-timeout` deadline (then it is DEADLINE_EXCEEDED: in Envoy the
+//! client's deadline usually fires before the router's timeout taken from
+//! the same header).
 
 use crate::breaker::UPSTREAM_FAILURE_FLAGS;
 
@@ -39,6 +42,9 @@ pub const GRPC_CODE_NAMES: [&str; 17] = [
 /// `grpc-status` of a breaker's refusal: UNAVAILABLE, which gRPC clients
 /// treat as retryable.
 pub const GRPC_UNAVAILABLE: u32 = 14;
+
+/// `grpc-status` of a call whose client gave up at its deadline.
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 
 /// Default failing gRPC codes: UNKNOWN 2, DEADLINE_EXCEEDED 4,
 /// RESOURCE_EXHAUSTED 8, INTERNAL 13, UNAVAILABLE 14.

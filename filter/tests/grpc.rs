@@ -363,3 +363,30 @@ fn hostile_grpc_facts_do_not_trap() {
         vm.grpc_exchange(&headers, 14, 0);
     }
 }
+
+#[test]
+fn a_call_its_client_abandoned_at_the_deadline_is_deadline_exceeded() {
+    let mut vm = vm(CANARY);
+    let mut call = grpc_call();
+    call.push(("grpc-timeout", b"200m".to_vec()));
+    let abandon = |vm: &mut Vm, after_ms: u64| {
+        let (context, _) = vm.request(&call);
+        vm.host.clock.set(vm.host.clock.get() + after_ms);
+        // Envoy saw the client reset the stream (DR): no status, no
+        // upstream failure flag.
+        vm.end(context, Ending::default());
+        vm.forget(context);
+    };
+    // Given up early: the client went away, nothing booked.
+    for _ in 0..10 {
+        abandon(&mut vm, 50);
+    }
+    vm.tick();
+    assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(0));
+    // At the deadline (Envoy's clock may read a little under it).
+    for _ in 0..5 {
+        abandon(&mut vm, 195);
+    }
+    vm.tick();
+    assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
+}

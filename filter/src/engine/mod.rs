@@ -88,6 +88,10 @@ struct Exchange {
     /// A gRPC request: its outcome is its `grpc-status`, and a refusal is
     /// a gRPC answer.
     grpc: bool,
+    /// A gRPC request's deadline (`grpc-timeout`), read from the header
+    /// buffer: a call its client abandoned at the deadline, with no answer,
+    /// ended DEADLINE_EXCEEDED.
+    grpc_deadline_ms: Option<u64>,
     /// The response status and the attempts, read with the response
     /// headers (the router retries no more once it passes them on). Not
     /// read for gRPC, whose outcome comes at the end (trailers).
@@ -392,10 +396,17 @@ fn route(
         probe: None,
         reservation: None,
         rejected: false,
-        grpc: crate::failures::is_grpc_content_type(pairs.get("content-type")),
+        grpc: false,
+        grpc_deadline_ms: None,
         status: None,
         attempts: None,
     };
+    if crate::failures::is_grpc_content_type(pairs.get("content-type")) {
+        exchange.grpc = true;
+        exchange.grpc_deadline_ms = pairs
+            .get(retry::GRPC_TIMEOUT_HEADER)
+            .and_then(retry::parse_grpc_timeout);
+    }
     if side == Side::Canary {
         match active.admit(host, service, runtime, Side::Canary, now) {
             Admission::Allowed => {}
@@ -478,7 +489,7 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
             // Envoy's `response.grpc_status`: the trailers' `grpc-status`,
             // else the trailers-only header block's, else inferred from the
             // HTTP status; absent only when nothing was answered (a reset).
-            let code = host.integer_property(Property::GrpcStatus);
+            let mut code = host.integer_property(Property::GrpcStatus);
             let code_failed = code.is_some_and(|code| service.failures.grpc_code_fails(code));
             // An upstream failure flag counts whatever the code (a reset
             // is answered by Envoy with UNAVAILABLE, a timeout too).
@@ -487,6 +498,19 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
             } else {
                 host.integer_property(Property::ResponseFlags).unwrap_or(0)
             };
+            // Nothing answered and no upstream failure: the client reset
+            // the stream. At its deadline (Envoy's own timeout from
+            // grpc-timeout races the client's, and the client usually
+            // wins), that is DEADLINE_EXCEEDED; earlier, the client just
+            // went away. One clock read, on this path only.
+            if code.is_none() && flags & breaker::UPSTREAM_FAILURE_FLAGS == 0 {
+                if let Some(deadline) = exchange.grpc_deadline_ms {
+                    let elapsed = host.now_ms().saturating_sub(exchange.started_ms);
+                    if elapsed.saturating_add(deadline / 10) >= deadline {
+                        code = Some(u64::from(crate::failures::GRPC_DEADLINE_EXCEEDED));
+                    }
+                }
+            }
             (code.is_some(), service.failures.grpc_failed(code, flags))
         } else {
             // Usually known from the response headers; a request that
