@@ -2,6 +2,12 @@
 //! `grpc-status` (Envoy's `response.grpc_status` at log time), failures are
 //! classified per service, a breaker refuses a gRPC request with a gRPC
 //! answer, and plain HTTP requests pay no extra host call.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use sluice::config::Config;
 use sluice::engine::HeadersAction;
