@@ -7,6 +7,7 @@ machine-readable line:
     python client.py --target 127.0.0.1:10000 --calls 200
         [--parallel 1] [--timeout-ms 0] [--interval-ms 0]
         [--users 0] [--metadata k=v ...] [--authority host]
+        [--cancel-after-ms 0]
 
 --parallel K keeps K calls in flight on the one connection (K HTTP/2
 streams); --users U sends `x-user-id: u<i % U>` with call i; --timeout-ms
@@ -34,6 +35,7 @@ def main():
     parser.add_argument("--users", type=int, default=0)
     parser.add_argument("--metadata", action="append", default=[])
     parser.add_argument("--authority", default="")
+    parser.add_argument("--cancel-after-ms", type=int, default=0)
     args = parser.parse_args()
 
     extra = [tuple(item.split("=", 1)) for item in args.metadata]
@@ -60,8 +62,17 @@ def main():
         timeout = args.timeout_ms / 1000.0 if args.timeout_ms else None
         started = time.monotonic()
         try:
-            body, call = say.with_call(b"hello", metadata=metadata, timeout=timeout)
+            if args.cancel_after_ms:
+                # The client gives up by itself (no deadline sent).
+                future = say.future(b"hello", metadata=metadata, timeout=timeout)
+                time.sleep(args.cancel_after_ms / 1000.0)
+                future.cancel()
+                body = future.result()
+            else:
+                body, call = say.with_call(b"hello", metadata=metadata, timeout=timeout)
             result = {"code": "OK", "server": body.decode()}
+        except grpc.FutureCancelledError:
+            result = {"code": "CANCELLED", "details": "cancelled by the client", "trailing": {}}
         except grpc.RpcError as err:
             result = {
                 "code": err.code().name,

@@ -3,13 +3,15 @@ service: any method, raw bytes in and out, so no .proto or protoc is needed.
 
     python server.py --name echo_v2 [--fail-rate 1.0] [--code UNAVAILABLE]
                      [--shape trailers-only|trailers] [--delay-ms 0] [--seed 1]
+                     [--headers-first]
 
 It binds 127.0.0.1 on a free port and prints `READY <port>`, then one line
 `CALL <code>` per call it answered (flushed), which the Rust test counts.
 An answer's body is the server's name. A failing call ends with `--code`:
 `trailers-only` aborts before anything is sent (grpc-status in the only
 header block), `trailers` sends the response headers first, then the status
-in trailers.
+in trailers. `--headers-first` sends the response headers before the
+delay (as a streaming call does).
 """
 
 import argparse
@@ -30,6 +32,7 @@ def main():
     parser.add_argument("--shape", choices=["trailers-only", "trailers"], default="trailers-only")
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--headers-first", action="store_true")
     args = parser.parse_args()
 
     code = getattr(grpc.StatusCode, args.code)
@@ -42,6 +45,9 @@ def main():
             sys.stdout.flush()
 
     def handle(request, context):
+        if args.headers_first:
+            # Response headers now, the rest (message and status) later.
+            context.send_initial_metadata((("x-server", args.name),))
         if args.delay_ms:
             # Stop early when the caller gives up (deadline, reset).
             deadline = time.monotonic() + args.delay_ms / 1000.0
@@ -51,7 +57,7 @@ def main():
             fail = rng.random() < args.fail_rate
         if fail:
             report(code.name)
-            if args.shape == "trailers":
+            if args.shape == "trailers" and not args.headers_first:
                 context.send_initial_metadata((("x-server", args.name),))
             context.abort(code, f"{args.name} says {code.name}")
         report("OK")

@@ -45,6 +45,8 @@ pub struct Behaviour {
     pub trailers_only: bool,
     /// Delay before answering.
     pub delay_ms: u64,
+    /// Send the response headers before the delay (as a stream does).
+    pub headers_first: bool,
 }
 
 impl Default for Behaviour {
@@ -54,6 +56,7 @@ impl Default for Behaviour {
             code: "UNAVAILABLE".to_string(),
             trailers_only: true,
             delay_ms: 0,
+            headers_first: false,
         }
     }
 }
@@ -69,7 +72,7 @@ impl Behaviour {
             fail_rate: 1.0,
             code: code.to_string(),
             trailers_only,
-            delay_ms: 0,
+            ..Behaviour::default()
         }
     }
 }
@@ -100,6 +103,7 @@ impl GrpcServer {
                 },
             ])
             .args(["--delay-ms", &behaviour.delay_ms.to_string()])
+            .args(behaviour.headers_first.then_some("--headers-first"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -183,6 +187,8 @@ pub struct Calls {
     pub metadata: Vec<(String, String)>,
     /// The `:authority` of the calls (default: the target address).
     pub authority: Option<String>,
+    /// The client cancels each call after this long (no deadline sent).
+    pub cancel_after_ms: u64,
 }
 
 impl Calls {
@@ -211,7 +217,8 @@ pub fn run_client(port: u16, calls: &Calls) -> Value {
         .args(["--parallel", &calls.parallel.max(1).to_string()])
         .args(["--timeout-ms", &calls.timeout_ms.to_string()])
         .args(["--interval-ms", &calls.interval_ms.to_string()])
-        .args(["--users", &calls.users.to_string()]);
+        .args(["--users", &calls.users.to_string()])
+        .args(["--cancel-after-ms", &calls.cancel_after_ms.to_string()]);
     if let Some(authority) = &calls.authority {
         command.args(["--authority", authority]);
     }
@@ -274,7 +281,7 @@ static_resources:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:
                 text_format_source:
-                  inline_string: "ACCESS grpc_status=%CEL(response.grpc_status)% code=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% cluster=%UPSTREAM_CLUSTER% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% ms=%DURATION% details=%RESPONSE_CODE_DETAILS%\n"
+                  inline_string: "ACCESS grpc_status=%CEL(response.grpc_status)% code=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% flagbits=%CEL(response.flags)% cluster=%UPSTREAM_CLUSTER% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% ms=%DURATION% details=%RESPONSE_CODE_DETAILS%\n"
           http_filters:
           - name: envoy.filters.http.wasm
             typed_config:

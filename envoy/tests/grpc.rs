@@ -591,3 +591,48 @@ fn the_grpc_example_validates() {
     assert!(status.success(), "{out}");
     assert!(out.contains("OK"), "{out}");
 }
+
+/// A call the client cancels after the response headers came (as a client
+/// closing a stream does): Envoy reports no `grpc-status` anywhere, so its
+/// `response.grpc_status` is UNKNOWN, inferred from the HTTP 200, with flag
+/// DR. Sluice books the client's own cancellations as nothing.
+#[test]
+fn a_call_the_client_cancels_after_the_response_headers_is_not_a_failure() {
+    let slow = GrpcServer::start(
+        "echo_v1",
+        &Behaviour {
+            delay_ms: 1000,
+            headers_first: true,
+            ..Behaviour::healthy()
+        },
+    );
+    let envoy = start(
+        &service(
+            json!({"breaker": {"consecutive_failures": 3, "open_ms": 5000, "max_open_ms": 5000}}),
+        ),
+        &[("echo_v1", slow.port())],
+    );
+    let summary = run_client(
+        envoy.port(),
+        &Calls {
+            cancel_after_ms: 100,
+            ..Calls::new(6)
+        },
+    );
+    assert_eq!(count(&summary, "CANCELLED"), 6, "{summary}");
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = access_lines(&envoy);
+    eprintln!(
+        "client cancellations after response headers, as Envoy logged them: {:?}",
+        lines.first()
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.contains("grpc_status=2 code=200 flags=DR")),
+        "{lines:?}"
+    );
+    assert_eq!(metric(&envoy, "breaker.stable.trips"), 0);
+    // The upstream saw every call: none was refused.
+    assert_eq!(slow.calls(), 6);
+}

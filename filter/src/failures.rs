@@ -14,7 +14,9 @@
 //! such a flag says why, or, for gRPC, when its client reset it at its
 //! `grpc-timeout` deadline (then it is DEADLINE_EXCEEDED: in Envoy the
 //! client's deadline usually fires before the router's timeout taken from
-//! the same header).
+//! the same header). A gRPC call the client reset after the response
+//! headers has no `grpc-status` either, and Envoy infers UNKNOWN from its
+//! HTTP 200: that is the client's doing too, not the service's failure.
 
 use crate::breaker::UPSTREAM_FAILURE_FLAGS;
 
@@ -45,6 +47,17 @@ pub const GRPC_UNAVAILABLE: u32 = 14;
 
 /// `grpc-status` of a call whose client gave up at its deadline.
 pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+/// `grpc-status` UNKNOWN, also what Envoy's `response.grpc_status` infers
+/// for an HTTP 200 that carried no `grpc-status` at all (a call cut off
+/// after its response headers).
+pub const GRPC_UNKNOWN: u64 = 2;
+
+/// The client went away, in Envoy's `response.flags` bitmask: DC
+/// (downstream connection termination, 0x4000) and DR (downstream remote
+/// reset, 0x10000000: Envoy 1.40 reports 268435456 for a client's
+/// RST_STREAM).
+pub const CLIENT_RESET_FLAGS: u64 = 0x4000 | 0x1000_0000;
 
 /// Default failing gRPC codes: UNKNOWN 2, DEADLINE_EXCEEDED 4,
 /// RESOURCE_EXHAUSTED 8, INTERNAL 13, UNAVAILABLE 14.

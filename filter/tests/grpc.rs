@@ -396,3 +396,49 @@ fn a_call_its_client_abandoned_at_the_deadline_is_deadline_exceeded() {
     vm.tick();
     assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
 }
+
+/// Envoy 1.40: a call the client reset after the response headers has
+/// `response.grpc_status` 2 (UNKNOWN, inferred from HTTP 200) and flag DR
+/// (0x10000000).
+const DR: u64 = 0x1000_0000;
+
+#[test]
+fn a_call_the_client_cut_off_after_the_response_headers_is_not_unknown() {
+    let mut vm = vm(CANARY);
+    let cut_off = |vm: &mut Vm, call: &[(&'static str, Vec<u8>)], after_ms: u64| {
+        let (context, _) = vm.request(call);
+        vm.respond(context, 200, Some(1));
+        vm.host.clock.set(vm.host.clock.get() + after_ms);
+        vm.end(
+            context,
+            Ending {
+                code: Some(200),
+                flags: DR,
+                attempts: Some(1),
+                grpc_status: Some(2),
+            },
+        );
+        vm.forget(context);
+    };
+    for _ in 0..10 {
+        cut_off(&mut vm, &grpc_call(), 100);
+    }
+    vm.tick();
+    assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(0));
+    // A real UNKNOWN from the service (in the trailers, stream complete)
+    // still fails.
+    for _ in 0..5 {
+        vm.grpc_exchange(&grpc_call(), 2, 1);
+    }
+    vm.tick();
+    assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
+    // Cut off at its deadline: DEADLINE_EXCEEDED.
+    let mut vm = self::vm(CANARY);
+    let mut call = grpc_call();
+    call.push(("grpc-timeout", b"200m".to_vec()));
+    for _ in 0..5 {
+        cut_off(&mut vm, &call, 200);
+    }
+    vm.tick();
+    assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
+}

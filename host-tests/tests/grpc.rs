@@ -332,3 +332,31 @@ fn hostile_grpc_statuses_do_not_trap() {
         assert!(rig.w(i).trapped().is_none());
     }
 }
+
+/// Envoy's flag for a client's RST_STREAM (DR), as Envoy 1.40 reports it.
+const DR: u64 = 0x1000_0000;
+
+#[test]
+fn a_call_the_client_cut_off_after_the_response_headers_is_not_a_failure() {
+    let rig = Rig::new(ECHO);
+    for i in 0..10 {
+        let (stream, _) = begin(rig.w(i), &[]);
+        stream.set_attempt_count(1);
+        stream.response_headers(
+            &[(":status", "200"), ("content-type", "application/grpc")],
+            false,
+        );
+        // No trailers: the client reset the stream. The fake, like Envoy,
+        // infers UNKNOWN from the 200.
+        stream.set_response_flags(DR);
+        stream.finish();
+    }
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
+    assert_eq!(rig.counter("sluice.echo.breaker.canary.trips"), 0);
+    // UNKNOWN in the trailers of a complete answer is the service's.
+    for i in 0..5 {
+        call(&rig, i, Answer::Trailers(2));
+    }
+    rig.proxy.advance_ms(BREAKER_CACHE_MS);
+    assert_eq!(rig.counter("sluice.echo.breaker.canary.trips"), 1);
+}

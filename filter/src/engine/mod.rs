@@ -36,6 +36,7 @@ pub use runtime::{BREAKER_CACHE_MS, MAX_HELD, ROLLOUT_CACHE_MS};
 
 use crate::breaker::{self, Admission, Outcome, ProbeToken};
 use crate::config::{Config, Side};
+use crate::failures::{CLIENT_RESET_FLAGS, GRPC_UNKNOWN};
 use crate::pairs::HeaderPairs;
 use crate::retry::{self, Reservation, Settlement};
 use crate::rollout::RolloutState;
@@ -490,20 +491,29 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
             // else the trailers-only header block's, else inferred from the
             // HTTP status; absent only when nothing was answered (a reset).
             let mut code = host.integer_property(Property::GrpcStatus);
+            // UNKNOWN may be Envoy's inference for a 200 without any
+            // grpc-status: the flags tell whether the client cut it off.
+            let unknown = code == Some(GRPC_UNKNOWN);
             let code_failed = code.is_some_and(|code| service.failures.grpc_code_fails(code));
             // An upstream failure flag counts whatever the code (a reset
             // is answered by Envoy with UNAVAILABLE, a timeout too).
-            let flags = if code_failed {
+            let flags = if code_failed && !unknown {
                 0
             } else {
                 host.integer_property(Property::ResponseFlags).unwrap_or(0)
             };
-            // Nothing answered and no upstream failure: the client reset
-            // the stream. At its deadline (Envoy's own timeout from
-            // grpc-timeout races the client's, and the client usually
-            // wins), that is DEADLINE_EXCEEDED; earlier, the client just
-            // went away. One clock read, on this path only.
-            if code.is_none() && flags & breaker::UPSTREAM_FAILURE_FLAGS == 0 {
+            // Nothing answered, or cut off by the client after the
+            // response headers (Envoy: UNKNOWN, flag DR), and no upstream
+            // failure: the client reset the stream. At its deadline
+            // (Envoy's own timeout from grpc-timeout races the client's,
+            // and the client usually wins), that is DEADLINE_EXCEEDED;
+            // earlier, the client just went away. One clock read, on this
+            // path only.
+            let client_reset = flags & CLIENT_RESET_FLAGS != 0;
+            if (code.is_none() || (unknown && client_reset))
+                && flags & breaker::UPSTREAM_FAILURE_FLAGS == 0
+            {
+                code = None;
                 if let Some(deadline) = exchange.grpc_deadline_ms {
                     let elapsed = host.now_ms().saturating_sub(exchange.started_ms);
                     if elapsed.saturating_add(deadline / 10) >= deadline {
