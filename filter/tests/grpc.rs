@@ -442,3 +442,13 @@ fn a_call_the_client_cut_off_after_the_response_headers_is_not_unknown() {
     vm.tick();
     assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
 }
+
+#[test]
+fn the_grpc_fuzz_seed_parses() {
+    let seed = include_str!("../../fuzz/seeds/config/seed-grpc.json");
+    let config = Config::parse(seed.as_bytes()).unwrap();
+    let failures = &config.services[0].failures;
+    assert!(failures.http_status_fails(429) && failures.http_status_fails(500));
+    assert!(failures.grpc_code_fails(4) && failures.grpc_code_fails(13));
+    assert!(!failures.grpc_code_fails(2));
+}
