@@ -380,7 +380,8 @@ fn grpc_retries_hide_a_tenth_of_unavailable_answers() {
         failed_attempts >= 50,
         "the canary failed only {failed_attempts}"
     );
-    assert!(client_failures <= 3, "{summary}");
+    // 1000 canary calls failing three times at 10 %: one expected.
+    assert!(client_failures <= 5, "{summary}");
     assert_eq!(
         attempts + stable.calls(),
         u64::from(calls) + retries,
