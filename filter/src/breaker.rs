@@ -252,8 +252,11 @@ impl Outcome {
     }
 }
 
-/// Whether a final attempt failed: a 5xx status, or an upstream failure flag
-/// (`response.flags`) such as a connection failure, reset or timeout.
+/// Whether a final attempt of a plain HTTP request failed under the default
+/// classification: a 5xx status, or an upstream failure flag
+/// (`response.flags`) such as a connection failure, reset or timeout. A
+/// service's `failures` block (`crate::failures::Failures`) decides for
+/// the engine.
 pub fn is_failure(status: Option<u32>, response_flags: u64) -> bool {
     status.is_some_and(|status| (500..600).contains(&status))
         || response_flags & UPSTREAM_FAILURE_FLAGS != 0

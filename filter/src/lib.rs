@@ -11,6 +11,7 @@
 //!     side a request goes to;
 //!   - `retry`: the retry budget and the retry headers;
 //!   - `breaker`: the circuit breakers;
+//!   - `failures`: which outcomes (HTTP statuses, gRPC codes) are failures;
 //!   - `rollout`: the weight schedule and its rollback gate;
 //!   - `shared`: read-modify-write of process-wide state with CAS;
 //!   - `engine`: one worker's state, combining all of the above behind the
@@ -25,6 +26,7 @@ pub mod config;
 mod decimal;
 pub mod device;
 pub mod engine;
+pub mod failures;
 pub mod pairs;
 pub mod retry;
 pub mod rollout;

@@ -358,16 +358,6 @@ pub fn is_idempotent_method(method: &[u8]) -> bool {
     IDEMPOTENT_METHODS.contains(&method)
 }
 
-/// A gRPC call: `content-type` starting with `application/grpc`
-/// (`application/grpc`, `application/grpc+proto`, `application/grpc-web`
-/// ...), the media type compared case-insensitively as RFC 9110 says.
-pub fn is_grpc(content_type: &[u8]) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    content_type
-        .get(..GRPC.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(GRPC))
-}
-
 /// The request facts the classification reads, borrowed from the request
 /// headers (`None`: absent).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -444,7 +434,7 @@ pub enum RequestKind {
 /// The request's kind (see the module documentation).
 pub fn classify(policy: &RetryPolicy, request: &RequestFacts<'_>) -> RequestKind {
     let replayable = safe_to_replay(policy, request).is_some();
-    let grpc = request.content_type.is_some_and(is_grpc);
+    let grpc = crate::failures::is_grpc_content_type(request.content_type);
     match (grpc, replayable) {
         (false, true) => RequestKind::Replayable,
         (false, false) => RequestKind::Unsafe,

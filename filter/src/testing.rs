@@ -119,6 +119,19 @@ pub struct LocalReply {
     pub status: u32,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The gRPC status asked for (Envoy then answers a gRPC request
+    /// trailers-only with HTTP 200 and this `grpc-status`).
+    pub grpc_status: Option<u32>,
+}
+
+impl LocalReply {
+    /// The first value of a header of the reply.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// One stream as the host sees it.
@@ -134,6 +147,8 @@ pub struct StreamState {
     pub response_flags: Option<u64>,
     /// The `upstream.request_attempt_count` property.
     pub attempts: Option<u64>,
+    /// The `response.grpc_status` property.
+    pub grpc_status: Option<u64>,
     pub local_reply: Option<LocalReply>,
 }
 
@@ -299,10 +314,17 @@ impl Host for FakeHost {
             Property::ResponseCode => stream.response_code,
             Property::ResponseFlags => stream.response_flags,
             Property::AttemptCount => stream.attempts,
+            Property::GrpcStatus => stream.grpc_status,
         })
     }
 
-    fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) {
         self.cross();
         self.with_stream(|stream| {
             stream.local_reply = Some(LocalReply {
@@ -312,6 +334,7 @@ impl Host for FakeHost {
                     .map(|(name, value)| (name.to_string(), value.to_string()))
                     .collect(),
                 body: body.to_vec(),
+                grpc_status,
             });
         });
     }
@@ -380,6 +403,9 @@ pub struct Ending {
     pub flags: u64,
     /// `upstream.request_attempt_count` (`None`: not reported).
     pub attempts: Option<u64>,
+    /// `response.grpc_status` (`None`: no response at all). Set when the
+    /// stream ends (trailers, or the trailers-only header block).
+    pub grpc_status: Option<u64>,
 }
 
 /// A worker and its host, driven one callback at a time as Envoy does.
@@ -455,6 +481,9 @@ impl Vm {
                 stream.attempts = ending.attempts;
             }
             stream.response_flags = Some(ending.flags);
+            if ending.grpc_status.is_some() {
+                stream.grpc_status = ending.grpc_status;
+            }
         }
         self.worker.log(&self.host, context);
         self.worker.delete_context(&self.host, context);
@@ -484,8 +513,35 @@ impl Vm {
                 code: Some(status),
                 flags: 0,
                 attempts: Some(attempts),
+                grpc_status: None,
             },
         );
+        self.forget(context)
+    }
+
+    /// A whole gRPC call: headers, response headers (HTTP 200 after
+    /// `attempts` attempts), log with `grpc_status` (from the trailers or a
+    /// trailers-only answer; Envoy's `response.grpc_status`). Returns the
+    /// stream as the host saw it.
+    pub fn grpc_exchange<N: AsRef<str>, V: AsRef<[u8]>>(
+        &mut self,
+        headers: &[(N, V)],
+        grpc_status: u64,
+        attempts: u64,
+    ) -> StreamState {
+        let (context, action) = self.request(headers);
+        let ending = if action == HeadersAction::Continue {
+            self.respond(context, 200, Some(attempts));
+            Ending {
+                code: Some(200),
+                flags: 0,
+                attempts: Some(attempts),
+                grpc_status: Some(grpc_status),
+            }
+        } else {
+            Ending::default()
+        };
+        self.end(context, ending);
         self.forget(context)
     }
 

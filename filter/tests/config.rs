@@ -257,7 +257,7 @@ fn each_refusal_names_the_path_and_the_reason() {
         (&with_service(r#", "weight": 150"#), "services[0].weight: must be between 0 and 100, got 150"),
         (&with_service(r#", "weight": -1"#), "services[0].weight: must be between 0 and 100, got -1"),
         (&with_service(r#", "weight": "10""#), "services[0].weight: must be a number, got a string"),
-        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: name, match, stable, canary, weight, sticky, rules, retry, breaker, rollout)"),
+        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: name, match, stable, canary, weight, sticky, rules, retry, breaker, rollout, failures)"),
         (r#"{"services": [{"stable": "v1"}]}"#, "services[0].name: is required"),
         (r#"{"services": [{"name": "a"}]}"#, "services[0].stable: is required"),
         (r#"{"services": [{"name": "", "stable": "v1"}]}"#, "services[0].name: must not be empty"),

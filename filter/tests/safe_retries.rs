@@ -8,9 +8,10 @@
     clippy::indexing_slicing
 )]
 
+use sluice::failures::is_grpc_content_type;
 use sluice::retry::{
-    self, classify, conditions_after_response, is_grpc, safe_conditions, safe_to_replay,
-    Replayable, RequestFacts, RequestKind, RetryPolicy,
+    self, classify, conditions_after_response, safe_conditions, safe_to_replay, Replayable,
+    RequestFacts, RequestKind, RetryPolicy,
 };
 use sluice::testing::{Event, FaultyStore, StreamState, Vm};
 use std::cell::Cell;
@@ -342,9 +343,9 @@ fn the_pure_helpers_classify_as_the_engine_does() {
     assert!(!conditions_after_response(SAFE));
     assert!(!conditions_after_response("reset-before-request"));
     assert!(!conditions_after_response(""));
-    assert!(is_grpc(b"application/grpc"));
-    assert!(!is_grpc(b"application/json"));
-    assert!(!is_grpc(b"application/grp"));
+    assert!(is_grpc_content_type(Some(b"application/grpc")));
+    assert!(!is_grpc_content_type(Some(b"application/json")));
+    assert!(!is_grpc_content_type(Some(b"application/grp")));
     let policy = RetryPolicy::default();
     let facts = |method: &'static [u8]| RequestFacts {
         method: Some(method),

@@ -853,6 +853,9 @@ struct Flight {
     charge: Option<Charge>,
     started_ms: u64,
     response: Option<Answer>,
+    /// A gRPC call (`content-type: application/grpc…`): its outcome is its
+    /// `response.grpc_status`.
+    grpc: bool,
 }
 
 /// What the engine reported in one callback besides breaker transitions
@@ -926,7 +929,7 @@ fn check_safe_retry(
         })?;
     }
     let grpc_on = values(stream, retry::RETRY_GRPC_ON_HEADER);
-    let grpc_call = facts.content_type.is_some_and(retry::is_grpc);
+    let grpc_call = sluice::failures::is_grpc_content_type(facts.content_type);
     let expected: Vec<&[u8]> = if grpc_call && policy.max_retries > 0 {
         vec![policy.grpc_call_retry_on.as_bytes()]
     } else if grpc_call {
@@ -1367,6 +1370,7 @@ impl Sim {
                 charge: None,
                 started_ms: now,
                 response: None,
+                grpc: sluice::failures::is_grpc_content_type(headers.get("content-type")),
             });
             return self.check_streams(worker);
         }
@@ -1464,6 +1468,7 @@ impl Sim {
             charge,
             started_ms: now,
             response: None,
+            grpc: sluice::failures::is_grpc_content_type(headers.get("content-type")),
         });
         self.check_streams(worker)
     }
@@ -1623,9 +1628,25 @@ impl Sim {
             self.budget
                 .executed(charge, answer.attempts.saturating_sub(1));
         }
+        // A gRPC upstream answers with a `grpc-status`; Envoy reports it as
+        // `response.grpc_status` (OK with a 200, else what Envoy infers from
+        // the HTTP status, as `httpToGrpcStatus`), none without an answer.
+        let grpc_status = (flight.grpc && answer.status != 0).then_some(match answer.status {
+            200 => 0,
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        });
         if let Some((key, slow_ms)) = &flight.breaker {
-            let failed =
-                (500..600).contains(&answer.status) || flags & breaker::UPSTREAM_FAILURE_FLAGS != 0;
+            // For a gRPC call, any code but OK (or none at all: the deadline
+            // may make it DEADLINE_EXCEEDED) may count: a sound, looser test.
+            let grpc_failed = flight.grpc && grpc_status != Some(0);
+            let failed = grpc_failed
+                || (500..600).contains(&answer.status)
+                || flags & breaker::UPSTREAM_FAILURE_FLAGS != 0;
             let retried = answer.reported && answer.attempts > 1;
             // Durations run from the start to the response or the end;
             // with the clock stepped back, either way counts.
@@ -1642,6 +1663,7 @@ impl Sim {
             code: (status != 0).then_some(status),
             flags,
             attempts: reported.then_some(attempts),
+            grpc_status,
         };
         let context = flight.context;
         self.call_quietly(flight.worker, |vm| {

@@ -418,44 +418,46 @@ fn response_attribute(
         ),
         // Envoy always has response flags (a bit vector, 0 when none).
         b"flags" => Some(PropertyValue::Int(0)),
-        b"grpc_status" => grpc_status(h),
+        b"grpc_status" => grpc_status(h, headers),
         _ => None,
     }
 }
 
-/// `response.grpc_status`, as `ResponseWrapper` computes it with
-/// `Grpc::Common::getGrpcStatus(trailers, headers, info)`: the trailers'
-/// `grpc-status`, else the response headers' (a trailers-only response),
-/// else inferred from the HTTP response code (`Grpc::Utility::httpToGrpcStatus`),
-/// else absent. A `grpc-status` that is not a number or above 16 is
-/// `InvalidCode` (-1).
-fn grpc_status(h: &HttpCtx) -> Option<PropertyValue> {
-    fn parse(map: Option<&HeaderMap>) -> Option<i64> {
-        let value = map?.get("grpc-status")?;
-        if value.is_empty() {
-            return None;
-        }
-        Some(match value.parse::<u64>() {
-            Ok(code) if code <= 16 => code as i64,
-            _ => -1,
+/// `response.grpc_status` as Envoy derives it (`Grpc::Common::getGrpcStatus`
+/// over the trailers, the headers and the stream info): the trailers'
+/// `grpc-status`, else the response headers' (a trailers-only answer), else
+/// mapped from `response.code` (`Grpc::Utility::httpToGrpcStatus`); absent
+/// when there was no response. An unparsable or unknown code is -1
+/// (`InvalidCode`). A CEL int.
+fn grpc_status(h: &HttpCtx, headers: Option<&HeaderMap>) -> Option<PropertyValue> {
+    let trailers = h
+        .response_trailers
+        .as_ref()
+        .filter(|_| h.response_trailers_live || h.access_log);
+    let read = |map: Option<&HeaderMap>| {
+        map?.get("grpc-status").map(|value| {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|code| *code <= 16)
+                .and_then(|code| i64::try_from(code).ok())
+                .unwrap_or(-1)
         })
-    }
-    let code = match h.attributes.get(&path_key(&["response", "code"])) {
-        Some(PropertyValue::Int(code)) => Some(*code),
+    };
+    let inferred = || match h.attributes.get(&path_key(&["response", "code"])) {
+        Some(PropertyValue::Int(code)) if *code > 0 => Some(match code {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        }),
         _ => None,
     };
-    parse(h.response_trailers.as_ref())
-        .or_else(|| parse(h.response_headers.as_ref()))
-        .or_else(|| {
-            code.map(|c| match c {
-                400 => 13,
-                401 => 16,
-                403 => 7,
-                404 => 12,
-                429 | 502 | 503 | 504 => 14,
-                _ => 2,
-            })
-        })
+    read(trailers)
+        .or_else(|| read(headers))
+        .or_else(inferred)
         .map(PropertyValue::Int)
 }
 

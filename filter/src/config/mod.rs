@@ -8,7 +8,8 @@
 //! - `raw`: the document's shapes, read by serde;
 //! - `validate`: the checks and the conversion into the types below, for the
 //!   top level, services, matches and rules;
-//! - `policies`: the same for the `retry`, `breaker` and `rollout` blocks.
+//! - `policies`: the same for the `retry`, `breaker`, `rollout` and `failures`
+//!   blocks.
 
 mod policies;
 mod raw;
@@ -16,6 +17,7 @@ mod validate;
 
 use crate::breaker::BreakerConfig;
 use crate::device::DeviceClass;
+use crate::failures::Failures;
 use crate::retry::RetryPolicy;
 use crate::rollout::RolloutConfig;
 use std::fmt;
@@ -66,6 +68,10 @@ pub struct Service {
     pub retry: Option<RetryPolicy>,
     pub breaker: Option<BreakerConfig>,
     pub rollout: Option<RolloutConfig>,
+    /// Which outcomes count as failures for the breakers and the rollout
+    /// gate (`failures` block; default: 5xx, and the server-side gRPC
+    /// codes).
+    pub failures: Failures,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

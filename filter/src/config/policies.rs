@@ -2,12 +2,13 @@
 //! and their runtime forms (`RetryPolicy`, `BreakerConfig`, `RolloutConfig`).
 
 use super::format_weight;
-use super::raw::{self, List, Number, Obj, Text, Whole};
+use super::raw::{self, Code, List, Number, Obj, Text, Whole};
 use super::validate::{
     error, fixed_in, header_name, is_token_byte, join, quote, required, weight, whole_in, Result,
 };
 use crate::breaker::{BreakerConfig, SlowCalls, DEFAULT_MAX_OPEN_MS, MAX_DURATION_MS};
 use crate::decimal::PPM;
+use crate::failures::{grpc_code_by_name, Failures};
 use crate::retry::{
     Budget, Idempotent, RetryPolicy, DEFAULT_MAX_RETRIES, DEFAULT_MIN_PER_S, DEFAULT_RATIO_PPM,
     DEFAULT_RETRY_ON, DEFAULT_WINDOW_S, GRPC_POLICIES, GRPC_TIMEOUT_HEADER, HTTP_POLICIES,
@@ -389,4 +390,85 @@ pub(super) fn rollout(raw: raw::Rollout, path: &str) -> Result<RolloutConfig> {
         min_requests,
         start_ms,
     })
+}
+
+// --------------------------------------------------------------- failures
+
+/// At most this many items in each list: there are 500 statuses and 17
+/// codes, so a longer list is a mistake (and a hostile one is not read).
+const MAX_FAILURE_ITEMS: usize = 600;
+
+/// A service's `failures` block. A list given replaces its default; an
+/// empty list means "none of these fail" (only upstream failure flags do).
+pub(super) fn failures(raw: raw::Failures, path: &str) -> Result<Failures> {
+    let mut failures = Failures::default();
+    if let Some(List(items)) = raw.http_statuses.0 {
+        let list_path = join(path, "http_statuses");
+        if items.len() > MAX_FAILURE_ITEMS {
+            return error(&list_path, "too many items (at most 600)");
+        }
+        failures.clear_http();
+        for (index, item) in items.into_iter().enumerate() {
+            let item_path = format!("{list_path}[{index}]");
+            match item {
+                Code::Number(number) => {
+                    let status = whole_in(number, &item_path, 100, 599)?;
+                    failures.add_http_status(u32::try_from(status).unwrap_or(0));
+                }
+                Code::Name(name) => match http_class(&name) {
+                    Some(class) => failures.add_http_class(class),
+                    None => {
+                        return error(
+                            &item_path,
+                            format!(
+                                "must be a status 100-599 or a class \"1xx\"-\"5xx\", got {}",
+                                quote(&name)
+                            ),
+                        )
+                    }
+                },
+            }
+        }
+    }
+    if let Some(List(items)) = raw.grpc_codes.0 {
+        let list_path = join(path, "grpc_codes");
+        if items.len() > MAX_FAILURE_ITEMS {
+            return error(&list_path, "too many items (at most 600)");
+        }
+        failures.clear_grpc();
+        for (index, item) in items.into_iter().enumerate() {
+            let item_path = format!("{list_path}[{index}]");
+            let code = match item {
+                Code::Number(number) => {
+                    u32::try_from(whole_in(number, &item_path, 0, 16)?).unwrap_or(0)
+                }
+                Code::Name(name) => match grpc_code_by_name(&name) {
+                    Some(code) => code,
+                    None => {
+                        return error(
+                            &item_path,
+                            format!(
+                                "must be a gRPC code 0-16 or its name (UNAVAILABLE, INTERNAL, ...), got {}",
+                                quote(&name)
+                            ),
+                        )
+                    }
+                },
+            };
+            failures.add_grpc_code(code);
+        }
+    }
+    Ok(failures)
+}
+
+/// `"5xx"` (any case) → 5; classes 1xx to 5xx.
+fn http_class(name: &str) -> Option<u32> {
+    match name.as_bytes() {
+        [digit @ b'1'..=b'5', x1, x2]
+            if x1.eq_ignore_ascii_case(&b'x') && x2.eq_ignore_ascii_case(&b'x') =>
+        {
+            Some(u32::from(digit - b'0'))
+        }
+        _ => None,
+    }
 }

@@ -37,6 +37,14 @@ pub(super) struct Service {
     pub retry: Opt<Obj<Retry>>,
     pub breaker: Opt<Obj<Breaker>>,
     pub rollout: Opt<Obj<Rollout>>,
+    pub failures: Opt<Obj<Failures>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Failures {
+    pub http_statuses: Opt<List<Code>>,
+    pub grpc_codes: Opt<List<Code>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -156,6 +164,12 @@ pub(super) struct Whole(pub Num);
 pub(super) struct Flag(pub bool);
 pub(super) struct List<T>(pub Vec<T>);
 pub(super) struct Obj<T>(pub T);
+
+/// A status or code: a name (`"5xx"`, `"UNAVAILABLE"`) or a number.
+pub(super) enum Code {
+    Name(String),
+    Number(Num),
+}
 
 /// A string, or a list of strings meaning "any of these".
 pub(super) enum Strings {
@@ -320,6 +334,36 @@ impl<'de> Deserialize<'de> for Strings {
             refuse!(EXPECTED; boolean, number, null, object);
         }
         deserializer.deserialize_any(StringsVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Code {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str = "a string or a number";
+        struct CodeVisitor;
+        impl<'de> Visitor<'de> for CodeVisitor {
+            type Value = Code;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Code, E> {
+                Ok(Code::Name(text.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, value: u64) -> Result<Code, E> {
+                Ok(Code::Number(Num::Int(value)))
+            }
+            fn visit_i64<E: de::Error>(self, value: i64) -> Result<Code, E> {
+                Ok(Code::Number(match u64::try_from(value) {
+                    Ok(value) => Num::Int(value),
+                    Err(_) => Num::Neg(value),
+                }))
+            }
+            fn visit_f64<E: de::Error>(self, value: f64) -> Result<Code, E> {
+                Ok(Code::Number(Num::Float(value)))
+            }
+            refuse!(EXPECTED; boolean, null, list, object);
+        }
+        deserializer.deserialize_any(CodeVisitor)
     }
 }
 

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::decimal::{decimal, scaled, Fixed, Rest};
 use crate::device::DeviceClass;
+use crate::failures::Failures;
 use serde_json::error::Category;
 use serde_path_to_error::Segment;
 
@@ -426,6 +427,10 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         Some(Obj(breaker)) => Some(policies::breaker(breaker, &join(path, "breaker"))?),
         None => None,
     };
+    let failures = match raw.failures.0 {
+        Some(Obj(failures)) => policies::failures(failures, &join(path, "failures"))?,
+        None => Failures::default(),
+    };
     let rollout = match raw.rollout.0 {
         Some(Obj(rollout)) => {
             let rollout_path = join(path, "rollout");
@@ -453,6 +458,7 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         retry,
         breaker,
         rollout,
+        failures,
     })
 }
 

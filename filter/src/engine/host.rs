@@ -23,6 +23,12 @@ pub enum Property {
     ResponseFlags,
     /// `upstream.request_attempt_count`: attempts the router made.
     AttemptCount,
+    /// `response.grpc_status`: the gRPC status of the response, from the
+    /// trailers, else from the header block of a trailers-only answer, else
+    /// inferred from the HTTP status (Envoy's `Grpc::Common::getGrpcStatus`:
+    /// 503 is UNAVAILABLE, a 200 without any `grpc-status` is UNKNOWN).
+    /// Absent when no response was sent at all (a reset).
+    GrpcStatus,
 }
 
 /// The kind of a metric, as `proxy_define_metric` takes it.
@@ -74,8 +80,17 @@ pub trait Host: SharedStore {
     fn response_status(&self) -> Option<u64>;
     /// An integer stream property.
     fn integer_property(&self, property: Property) -> Option<u64>;
-    /// Answers the request locally; the request goes no further.
-    fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+    /// Answers the request locally; the request goes no further. With a
+    /// `grpc_status` and a gRPC request Envoy sends a trailers-only gRPC
+    /// answer (HTTP 200, `content-type: application/grpc`, that
+    /// `grpc-status`, the body as `grpc-message`, and `headers`).
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    );
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn increment_metric(&self, id: u32, offset: i64);
     fn record_metric(&self, id: u32, value: u64);

@@ -22,7 +22,11 @@
 //! - no metric call: counters add up in the VM and reach the host on the
 //!   tick;
 //! - at the end, the status, the attempts and the response flags, each
-//!   only when an outcome is booked.
+//!   only when an outcome is booked. For a gRPC request (`content-type`
+//!   `application/grpc...`, seen in the request-header buffer already read)
+//!   the status is `response.grpc_status`, read at the end instead of
+//!   `:status` at the response headers: the same number of crossings, and
+//!   none added to plain HTTP requests.
 
 mod host;
 mod runtime;
@@ -32,6 +36,7 @@ pub use runtime::{BREAKER_CACHE_MS, MAX_HELD, ROLLOUT_CACHE_MS};
 
 use crate::breaker::{self, Admission, Outcome, ProbeToken};
 use crate::config::{Config, Side};
+use crate::failures::{CLIENT_RESET_FLAGS, GRPC_UNKNOWN};
 use crate::pairs::HeaderPairs;
 use crate::retry::{self, Reservation, Settlement};
 use crate::rollout::RolloutState;
@@ -49,6 +54,9 @@ use std::rc::Rc;
 pub const TICK_MS: u32 = 250;
 /// Header on a local reply that says the breaker, not the upstream, refused.
 pub const BREAKER_HEADER: &str = "x-sluice-breaker";
+/// gRPC's retry hint on a refusal: milliseconds until the client may try
+/// again (gRFC A6).
+pub const GRPC_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
 
 /// What the host should do after the request headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +86,16 @@ struct Exchange {
     reservation: Option<Reservation>,
     /// The breaker refused the request with a local reply.
     rejected: bool,
+    /// A gRPC request: its outcome is its `grpc-status`, and a refusal is
+    /// a gRPC answer.
+    grpc: bool,
+    /// A gRPC request's deadline (`grpc-timeout`), read from the header
+    /// buffer: a call its client abandoned at the deadline, with no answer,
+    /// ended DEADLINE_EXCEEDED.
+    grpc_deadline_ms: Option<u64>,
     /// The response status and the attempts, read with the response
-    /// headers (the router retries no more once it passes them on).
+    /// headers (the router retries no more once it passes them on). Not
+    /// read for gRPC, whose outcome comes at the end (trailers).
     status: Option<u64>,
     attempts: Option<u64>,
 }
@@ -221,10 +237,11 @@ impl Worker {
         if !steered && pairs.contains(steering_header) {
             host.remove_request_header(steering_header);
         }
+        let grpc = exchange.as_ref().is_some_and(|exchange| exchange.grpc);
         stream.exchange = exchange;
         match rejected {
             Some((service, retry_after_ms)) => {
-                reject(host, &service, retry_after_ms);
+                reject(host, &service, retry_after_ms, grpc);
                 HeadersAction::Stop
             }
             None => HeadersAction::Continue,
@@ -280,7 +297,10 @@ impl Worker {
         } else {
             exchange.responded_ms = Some(exchange.started_ms);
         }
-        exchange.status = host.response_status();
+        // A gRPC call's outcome is in its trailers: asked for at the end.
+        if !exchange.grpc {
+            exchange.status = host.response_status();
+        }
     }
 
     /// `proxy_on_log`: settles and books the finished request.
@@ -377,9 +397,17 @@ fn route(
         probe: None,
         reservation: None,
         rejected: false,
+        grpc: false,
+        grpc_deadline_ms: None,
         status: None,
         attempts: None,
     };
+    if crate::failures::is_grpc_content_type(pairs.get("content-type")) {
+        exchange.grpc = true;
+        exchange.grpc_deadline_ms = pairs
+            .get(retry::GRPC_TIMEOUT_HEADER)
+            .and_then(retry::parse_grpc_timeout);
+    }
     if side == Side::Canary {
         match active.admit(host, service, runtime, Side::Canary, now) {
             Admission::Allowed => {}
@@ -458,28 +486,65 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
         );
     }
     if booked {
-        // Usually known from the response headers; a request that ended
-        // without any (reset, timeout before headers, client gone) is asked
-        // about here.
-        let status = exchange
-            .status
-            .or_else(|| host.integer_property(Property::ResponseCode))
-            .unwrap_or(0);
-        let server_error = (500..600).contains(&status);
-        // Flags are read even after a good status: a 200 whose connection
-        // the upstream cut mid-body (UC) failed the client all the same. A
-        // 5xx has failed already.
-        let flags = if server_error {
-            0
+        let (known, failed) = if exchange.grpc {
+            // Envoy's `response.grpc_status`: the trailers' `grpc-status`,
+            // else the trailers-only header block's, else inferred from the
+            // HTTP status; absent only when nothing was answered (a reset).
+            let mut code = host.integer_property(Property::GrpcStatus);
+            // UNKNOWN may be Envoy's inference for a 200 without any
+            // grpc-status: the flags tell whether the client cut it off.
+            let unknown = code == Some(GRPC_UNKNOWN);
+            let code_failed = code.is_some_and(|code| service.failures.grpc_code_fails(code));
+            // An upstream failure flag counts whatever the code (a reset
+            // is answered by Envoy with UNAVAILABLE, a timeout too).
+            let flags = if code_failed && !unknown {
+                0
+            } else {
+                host.integer_property(Property::ResponseFlags).unwrap_or(0)
+            };
+            // Nothing answered, or cut off by the client after the
+            // response headers (Envoy: UNKNOWN, flag DR), and no upstream
+            // failure: the client reset the stream. At its deadline
+            // (Envoy's own timeout from grpc-timeout races the client's,
+            // and the client usually wins), that is DEADLINE_EXCEEDED;
+            // earlier, the client just went away. One clock read, on this
+            // path only.
+            let client_reset = flags & CLIENT_RESET_FLAGS != 0;
+            if (code.is_none() || (unknown && client_reset))
+                && flags & breaker::UPSTREAM_FAILURE_FLAGS == 0
+            {
+                code = None;
+                if let Some(deadline) = exchange.grpc_deadline_ms {
+                    let elapsed = host.now_ms().saturating_sub(exchange.started_ms);
+                    if elapsed.saturating_add(deadline / 10) >= deadline {
+                        code = Some(u64::from(crate::failures::GRPC_DEADLINE_EXCEEDED));
+                    }
+                }
+            }
+            (code.is_some(), service.failures.grpc_failed(code, flags))
         } else {
-            host.integer_property(Property::ResponseFlags).unwrap_or(0)
+            // Usually known from the response headers; a request that
+            // ended without any (reset, timeout before headers, client
+            // gone) is asked about here.
+            let status = exchange
+                .status
+                .or_else(|| host.integer_property(Property::ResponseCode))
+                .unwrap_or(0);
+            // Flags are read even after a good status: a 200 whose
+            // connection the upstream cut mid-body (UC) failed the client
+            // all the same. A failing status has failed already.
+            let flags = if service.failures.http_status_fails(status) {
+                0
+            } else {
+                host.integer_property(Property::ResponseFlags).unwrap_or(0)
+            };
+            (status != 0, service.failures.http_failed(status, flags))
         };
         let attempts = attempts.unwrap_or(1);
-        let failed = breaker::is_failure(u32::try_from(status).ok(), flags);
         // No status and no upstream failure: the client went away, or the
         // request never reached an upstream. Neither says anything about the
         // cluster's health.
-        let outcome = (attempts > 0 && (status != 0 || failed)).then(|| {
+        let outcome = (attempts > 0 && (known || failed)).then(|| {
             let ended = exchange.responded_ms.unwrap_or_else(|| host.now_ms());
             Outcome {
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
@@ -593,9 +658,30 @@ fn govern_retries(
     reservation
 }
 
-/// Fails a request fast while the stable cluster's breaker is open.
-fn reject(host: &impl Host, service: &str, retry_after_ms: u64) {
+/// Fails a request fast while the stable cluster's breaker is open. A gRPC
+/// request gets what gRPC clients understand: Envoy turns a local reply with
+/// a gRPC status into a trailers-only answer (HTTP 200, `content-type:
+/// application/grpc`, `grpc-status: 14`, the body as `grpc-message`), and
+/// `grpc-retry-pushback-ms` tells the client's retry policy when to try
+/// again.
+fn reject(host: &impl Host, service: &str, retry_after_ms: u64, grpc: bool) {
     let retry_after = breaker::retry_after_seconds(retry_after_ms).to_string();
+    if grpc {
+        let pushback = retry_after_ms.to_string();
+        let message = format!(
+            "sluice: circuit breaker of service {service} is open; retry after {retry_after}s"
+        );
+        host.send_local_response(
+            503,
+            &[
+                (GRPC_PUSHBACK_HEADER, pushback.as_str()),
+                (BREAKER_HEADER, "open"),
+            ],
+            message.as_bytes(),
+            Some(crate::failures::GRPC_UNAVAILABLE),
+        );
+        return;
+    }
     let body = format!(
         "sluice: circuit breaker of service {service} is open; retry after {retry_after}s\n"
     );
@@ -607,6 +693,7 @@ fn reject(host: &impl Host, service: &str, retry_after_ms: u64) {
             ("content-type", "text/plain"),
         ],
         body.as_bytes(),
+        None,
     );
 }
 

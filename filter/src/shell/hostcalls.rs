@@ -268,8 +268,18 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> bool {
     status == OK
 }
 
-/// Answers the request locally with `status`, `headers` and `body`.
-pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
+/// Answers the request locally with `status`, `headers` and `body`; with a
+/// `grpc_status` (0-16) a gRPC request gets a trailers-only gRPC answer.
+pub fn send_local_response(
+    status: u32,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    grpc_status: Option<u32>,
+) {
+    // -1: none (Envoy takes anything outside 0-16 as none).
+    let grpc_status = grpc_status
+        .and_then(|code| i32::try_from(code).ok())
+        .unwrap_or(-1);
     let headers: Vec<(&[u8], &[u8])> = headers
         .iter()
         .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
@@ -286,7 +296,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
             body.len(),
             serialized.as_ptr(),
             serialized.len(),
-            -1,
+            grpc_status,
         )
     };
 }

@@ -186,12 +186,19 @@ impl Host for Envoy {
             Property::ResponseCode => b"response\0code",
             Property::ResponseFlags => b"response\0flags",
             Property::AttemptCount => b"upstream\0request_attempt_count",
+            Property::GrpcStatus => b"response\0grpc_status",
         };
         hostcalls::integer_property(path)
     }
 
-    fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        hostcalls::send_local_response(status, headers, body);
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) {
+        hostcalls::send_local_response(status, headers, body, grpc_status);
     }
 
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
