@@ -35,7 +35,7 @@ pub use host::{Host, MetricKind, Observed, Property};
 pub use runtime::{BREAKER_CACHE_MS, MAX_HELD, ROLLOUT_CACHE_MS};
 
 use crate::breaker::{self, Admission, Outcome, ProbeToken};
-use crate::config::{Config, Side};
+use crate::config::{Config, Service, Side};
 use crate::failures::{CLIENT_RESET_FLAGS, GRPC_UNKNOWN};
 use crate::pairs::HeaderPairs;
 use crate::retry::{self, Reservation, Settlement};
@@ -43,7 +43,7 @@ use crate::rollout::RolloutState;
 use crate::router::{Decision, RequestHeaders};
 use crate::shared;
 use crate::sticky::mix;
-use runtime::{Active, RetryRuntime};
+use runtime::{Active, RetryRuntime, ServiceRuntime};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -264,8 +264,7 @@ impl Worker {
         let Some((service, runtime)) = active.service(exchange.service) else {
             return;
         };
-        let booked =
-            service.breaker.is_some() || (exchange.side == Side::Canary && runtime.has_rollout());
+        let booked = books_outcome(service, runtime, exchange.side);
         // Unused retries go back to the budget now, not at the end of a
         // stream that may live for minutes.
         if let Some(reservation) = exchange.reservation.take().filter(|r| r.granted > 0) {
@@ -453,6 +452,13 @@ fn route(
     (Some(exchange), None)
 }
 
+/// Whether a request's outcome is booked anywhere: with its side's breaker,
+/// or a canary's with the rollout gate. Only then does the end of a request
+/// cost host calls for its status and flags.
+fn books_outcome(service: &Service, runtime: &ServiceRuntime, side: Side) -> bool {
+    service.breaker.is_some() || (side == Side::Canary && runtime.has_rollout())
+}
+
 /// Settles and books a finished request. `current`: its config is still
 /// the one in force (otherwise what it leaves is written at once, since the
 /// old config will see no more ticks).
@@ -464,8 +470,7 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
     let Some((service, runtime)) = active.service(exchange.service) else {
         return;
     };
-    let booked =
-        service.breaker.is_some() || (exchange.side == Side::Canary && runtime.has_rollout());
+    let booked = books_outcome(service, runtime, exchange.side);
     let granted = exchange
         .reservation
         .is_some_and(|reservation| reservation.granted > 0);
