@@ -418,7 +418,7 @@ fn response_attribute(
         ),
         // Envoy always has response flags (a bit vector, 0 when none).
         b"flags" => Some(PropertyValue::Int(0)),
-        b"grpc_status" => grpc_status(h, headers),
+        b"grpc_status" => grpc_status(h),
         _ => None,
     }
 }
@@ -429,11 +429,10 @@ fn response_attribute(
 /// mapped from `response.code` (`Grpc::Utility::httpToGrpcStatus`); absent
 /// when there was no response. An unparsable or unknown code is -1
 /// (`InvalidCode`). A CEL int.
-fn grpc_status(h: &HttpCtx, headers: Option<&HeaderMap>) -> Option<PropertyValue> {
-    let trailers = h
-        .response_trailers
-        .as_ref()
-        .filter(|_| h.response_trailers_live || h.access_log);
+fn grpc_status(h: &HttpCtx) -> Option<PropertyValue> {
+    // Envoy keeps both maps once they arrived, whatever the phase.
+    let trailers = h.response_trailers.as_ref();
+    let headers = h.response_headers.as_ref();
     let read = |map: Option<&HeaderMap>| {
         map?.get("grpc-status").map(|value| {
             value
