@@ -168,12 +168,14 @@ impl Scene {
                     code: Some(status),
                     flags: 0,
                     attempts: Some(attempts),
+                    grpc_status: None,
                 }
             }
             Answer::NoResponse { flags } => Ending {
                 code: None,
                 flags,
                 attempts: None,
+                grpc_status: None,
             },
         };
         let after_response = self.crossings();
