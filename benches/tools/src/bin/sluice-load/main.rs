@@ -44,6 +44,7 @@ options:
   --setups a,b,...    any of ceiling,passthrough,sluice,native,lua (the default set),
                       sluice-split,sluice-noretry (Sluice with parts removed, to price them)
                       and passthrough-raw (pass-through without the SDK's extra callbacks)
+                      and sluice-baseline (Sluice from $SLUICE_BASELINE_WASM: A/B of a build)
   --upstream KIND     envoy (direct_response, default) or harness (sluice-envoy's Upstream)
   --response-bytes N  the upstream's response body in bytes (default 3: ok and a newline);
                       envoy upstream only (body chunks per response: benches/README.md)
