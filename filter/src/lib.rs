@@ -14,8 +14,13 @@
 //!   - `failures`: which outcomes (HTTP statuses, gRPC codes) are failures;
 //!   - `rollout`: the weight schedule and its rollback gate;
 //!   - `shared`: read-modify-write of process-wide state with CAS;
+//!   - `codec`, `decimal`: the byte encoding of shared state and the exact
+//!     decimals of the config (private helpers);
 //!   - `engine`: one worker's state, combining all of the above behind the
 //!     `engine::Host` trait;
+//!   - `testing`: the in-memory host the native tests, the fuzz targets and
+//!     the benchmarks drive the engine with (nothing in the shell uses it,
+//!     so it never reaches `sluice.wasm`);
 //! - `shell` (built only for wasm32): the proxy-wasm exports and `Host`
 //!   over the raw host calls. It is the only code that touches the ABI, and
 //!   it decides nothing.
