@@ -10,6 +10,8 @@
 //!   route 1: steering header present -> cluster_header: <steering header>
 //!   route 2: anything else           -> the fallback (default: first cluster)
 //! clusters: one STATIC cluster per name, 127.0.0.1:<port>
+//! stats_config: envoy/examples/sluice-stats-tags.yaml (Sluice's metrics as
+//!               Prometheus labels), unless turned off
 //! ```
 //!
 //! Why a fallback route: the filter sets the steering header only on requests
@@ -52,10 +54,17 @@ pub struct EnvoyConfig {
     retry: Option<(String, u32)>,
     failure_policy: String,
     runtime: String,
+    stats_tags: bool,
 }
 
 /// The steering header Sluice uses when its config names none.
 pub const DEFAULT_STEERING_HEADER: &str = "x-sluice-cluster";
+
+/// The shipped `stats_config` snippet (`envoy/examples/sluice-stats-tags.yaml`):
+/// tag extractors that turn Sluice's per-service metric names into labels
+/// in `/stats/prometheus`. The generated bootstrap includes it verbatim, so
+/// the tests run what users copy.
+pub const STATS_TAGS_YAML: &str = include_str!("../examples/sluice-stats-tags.yaml");
 
 impl EnvoyConfig {
     /// A config whose filter gets `sluice_json` verbatim as its
@@ -74,6 +83,7 @@ impl EnvoyConfig {
             retry: None,
             failure_policy: "FAIL_RELOAD".to_string(),
             runtime: "envoy.wasm.runtime.v8".to_string(),
+            stats_tags: true,
         }
     }
 
@@ -145,6 +155,12 @@ impl EnvoyConfig {
         self
     }
 
+    /// Whether the bootstrap carries [`STATS_TAGS_YAML`] (default: yes).
+    pub fn stats_tags(mut self, on: bool) -> Self {
+        self.stats_tags = on;
+        self
+    }
+
     /// The wasm file the config loads.
     pub fn wasm_file(&self) -> &Path {
         &self.wasm
@@ -211,7 +227,7 @@ impl EnvoyConfig {
 admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
-static_resources:
+{stats_tags}static_resources:
   listeners:
   - name: sluice_listener
     stat_prefix: sluice_listener
@@ -270,6 +286,7 @@ static_resources:
             runtime = self.runtime,
             wasm = q(&self.wasm.to_string_lossy()),
             header = q(&header),
+            stats_tags = if self.stats_tags { STATS_TAGS_YAML } else { "" },
         );
         for c in &self.clusters {
             let _ = write!(
@@ -313,5 +330,20 @@ mod tests {
         assert!(y.contains("cluster_header: \"x-sluice-cluster\""));
         assert!(y.contains("cluster: \"a\""));
         assert!(y.contains("port_value: 2 "));
+        assert!(y.contains("\nstats_config:\n  stats_tags:\n"));
+        assert!(!EnvoyConfig::new("{}")
+            .stats_tags(false)
+            .to_yaml()
+            .contains("stats_config"));
+    }
+
+    #[test]
+    fn the_stats_tags_snippet_leaves_the_lds_split_alone() {
+        // lds.rs splits the generated YAML at these lines; the snippet, placed
+        // before static_resources, must not contain them.
+        for marker in ["static_resources:\n", "  listeners:\n", "  clusters:\n"] {
+            assert!(!STATS_TAGS_YAML.contains(marker), "{marker:?}");
+        }
+        assert!(STATS_TAGS_YAML.ends_with('\n'));
     }
 }

@@ -458,6 +458,20 @@ impl Envoy {
         self.wasm_metric(name)
     }
 
+    /// Admin `/stats/prometheus`, parsed: Sluice's metrics appear without
+    /// the `wasmcustom.` prefix, as `sluice_*`, labelled by the bootstrap's
+    /// `stats_config` tag extractors.
+    pub fn prometheus(&self) -> io::Result<crate::prometheus::Exposition> {
+        let r = self.admin_get("/stats/prometheus")?;
+        if r.status != 200 {
+            return Err(io::Error::other(format!(
+                "/stats/prometheus answered {}",
+                r.status
+            )));
+        }
+        crate::prometheus::parse(&r.body_text()).map_err(io::Error::other)
+    }
+
     /// All custom filter metrics, with the `wasmcustom.` prefix removed.
     pub fn wasm_metrics(&self) -> io::Result<BTreeMap<String, u64>> {
         Ok(self

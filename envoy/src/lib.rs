@@ -11,6 +11,8 @@
 //!   upstream clusters).
 //! * [`envoy`]: [`envoy::Envoy`] starts a real Envoy process, waits for it to
 //!   be ready, finds its ports, reads its stats and log, and kills it on drop.
+//! * [`prometheus`]: parses `/stats/prometheus` and finds the metric and
+//!   label names a dashboard's PromQL uses.
 //!
 //! Everything is std-only apart from `serde_json`.
 //!
@@ -29,6 +31,7 @@ pub mod config;
 pub mod envoy;
 pub mod grpc;
 pub mod lds;
+pub mod prometheus;
 pub mod upstream;
 mod wire;
 
