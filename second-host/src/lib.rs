@@ -306,7 +306,11 @@ impl SecondHost {
         let services = VmServices::new(self.logs.clone())
             .with_vm_id(VM_ID)
             .with_shared(self.shared.clone());
-        let mut guest = Guest::new(&self.host, &self.module, services, &Limits::default())?;
+        // The crate's default limits, but 10 s instead of 1 s of wall-clock
+        // time per guest call (as the fake's runaway watchdog): a loaded CI
+        // machine can deschedule a test thread for longer than a second.
+        let limits = Limits::default().with_cpu_time(Duration::from_secs(10));
+        let mut guest = Guest::new(&self.host, &self.module, services, &limits)?;
         let plugin = PluginConfig::new()
             .with_name("sluice")
             .with_root_id("sluice")
