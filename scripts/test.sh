@@ -61,7 +61,7 @@ step() {
 }
 
 step "setup" bash scripts/setup.sh
-step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice
+step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice -p sluice-neighbour
 step "fmt" cargo fmt --all --check
 step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (filter, wasm32-wasip1)" cargo clippy -p sluice --target wasm32-wasip1 -- -D warnings
