@@ -195,6 +195,7 @@ names = {
     "propflags": "`proxy_get_property` `response.flags`",
     "plainheaders": "four header replaces Envoy ignores (per set of four)",
     "retryheaders": "Sluice's four retry headers: Envoy then arms retries and a per-try timeout (per set)",
+    "clearroute": "`proxy_call_foreign_function` `clear_route_cache`",
 }
 for plan, values in per_req.items():
     kind, n = plan.split(":")

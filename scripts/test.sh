@@ -64,7 +64,7 @@ step() {
 }
 
 step "setup" bash scripts/setup.sh
-step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice
+step "build sluice.wasm (release)" cargo build --release --target wasm32-wasip1 -p sluice -p sluice-neighbour
 step "fmt" cargo fmt --all --check
 step "fmt (second-host)" cargo fmt --manifest-path second-host/Cargo.toml --check
 step "clippy (workspace, host)" cargo clippy --workspace --all-targets -- -D warnings

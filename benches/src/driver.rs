@@ -65,6 +65,9 @@ impl Prepared {
         self.state.response_flags = None;
         self.state.attempts = None;
         self.state.local_reply = None;
+        self.state.header_changes = 0;
+        self.state.route_cache_clears = 0;
+        self.state.changes_before_clear = None;
     }
 }
 

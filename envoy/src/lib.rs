@@ -9,6 +9,8 @@
 //! * [`grpc`]: real gRPC servers and client (Python grpcio, from
 //!   `envoy/grpc/`) and the bootstrap for gRPC (h2c listener, HTTP/2
 //!   upstream clusters).
+//! * [`ecds`]: Envoy running the ECDS example (Sluice's filter config from
+//!   a watched file), and config pushes to it.
 //! * [`envoy`]: [`envoy::Envoy`] starts a real Envoy process, waits for it to
 //!   be ready, finds its ports, reads its stats and log, and kills it on drop.
 //! * [`prometheus`]: parses `/stats/prometheus` and finds the metric and
@@ -28,6 +30,7 @@
 
 pub mod client;
 pub mod config;
+pub mod ecds;
 pub mod envoy;
 pub mod grpc;
 pub mod lds;

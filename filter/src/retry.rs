@@ -1018,7 +1018,7 @@ pub fn budget_key(service: &str, policy: &RetryPolicy) -> String {
     let hash = mix(u64::from(STATE_VERSION)
         ^ mix(u64::from(budget.ratio_ppm)
             ^ mix(u64::from(budget.min_per_s) ^ mix(u64::from(budget.window_s)))));
-    format!("sluice.retry_budget.{service}.{hash:016x}")
+    format!("sluice/retry_budget/{service}/{hash:016x}")
 }
 
 /// Whether to log "budget ran dry" now, given when this VM last did for the

@@ -150,6 +150,13 @@ pub struct StreamState {
     /// The `response.grpc_status` property.
     pub grpc_status: Option<u64>,
     pub local_reply: Option<LocalReply>,
+    /// Request-header writes and removals on this stream.
+    pub header_changes: u32,
+    /// Calls of `clear_route_cache` for this stream (answered or not).
+    pub route_cache_clears: u32,
+    /// `header_changes` when `clear_route_cache` was last called: equal to
+    /// it when no change came after the clear.
+    pub changes_before_clear: Option<u32>,
 }
 
 impl StreamState {
@@ -202,6 +209,11 @@ pub struct FakeHost {
     pub events: RefCell<Vec<Event>>,
     /// Every call into the host (each is a crossing in Envoy).
     pub crossings: Cell<u64>,
+    /// Whether the host offers `clear_route_cache` (Envoy does; set false
+    /// for a host that answers NotFound).
+    pub offers_clear_route_cache: Cell<bool>,
+    /// Every call of `clear_route_cache`, offered or not.
+    pub route_cache_calls: Cell<u64>,
 }
 
 impl FakeHost {
@@ -217,6 +229,8 @@ impl FakeHost {
             metrics: RefCell::new(Vec::new()),
             events: RefCell::new(Vec::new()),
             crossings: Cell::new(0),
+            offers_clear_route_cache: Cell::new(true),
+            route_cache_calls: Cell::new(0),
         }
     }
 
@@ -291,6 +305,7 @@ impl Host for FakeHost {
     fn set_request_header(&self, name: &str, value: &[u8]) {
         self.cross();
         self.with_stream(|stream| {
+            stream.header_changes = stream.header_changes.saturating_add(1);
             stream.request_headers.retain(|(known, _)| known != name);
             stream
                 .request_headers
@@ -300,7 +315,21 @@ impl Host for FakeHost {
 
     fn remove_request_header(&self, name: &str) {
         self.cross();
-        self.with_stream(|stream| stream.request_headers.retain(|(known, _)| known != name));
+        self.with_stream(|stream| {
+            stream.header_changes = stream.header_changes.saturating_add(1);
+            stream.request_headers.retain(|(known, _)| known != name);
+        });
+    }
+
+    fn clear_route_cache(&self) -> bool {
+        self.cross();
+        self.route_cache_calls
+            .set(self.route_cache_calls.get().saturating_add(1));
+        self.with_stream(|stream| {
+            stream.route_cache_clears = stream.route_cache_clears.saturating_add(1);
+            stream.changes_before_clear = Some(stream.header_changes);
+        });
+        self.offers_clear_route_cache.get()
     }
 
     fn response_status(&self) -> Option<u64> {

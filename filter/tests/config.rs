@@ -508,7 +508,7 @@ fn state_keys_do_not_depend_on_the_parser() {
     );
     assert_eq!(
         sluice::retry::budget_key("shop", service.retry.as_ref().unwrap()),
-        "sluice.retry_budget.shop.502dae41db0ffd89"
+        "sluice/retry_budget/shop/502dae41db0ffd89"
     );
     assert_eq!(sluice::sticky::bucket(b"shop", b"alice"), 6746);
 }

@@ -92,6 +92,96 @@ fn the_common_path_crosses_into_the_host_a_bounded_number_of_times() {
     }
     let per_request = (vm.host.crossings.get() - before) as f64 / f64::from(requests);
     // Headers read, clock, budget read + CAS, steering and four retry
-    // headers, then the status and attempts: about 13 host calls today.
-    assert!(per_request <= 14.0, "{per_request} host calls per request");
+    // headers, `clear_route_cache`, then the status and attempts: about 14
+    // host calls today.
+    assert!(per_request <= 15.0, "{per_request} host calls per request");
+}
+
+/// `clear_route_cache` once per request whose headers Sluice changed, after
+/// the last change; never for a request it left alone or refused.
+#[test]
+fn the_route_cache_is_cleared_once_after_the_last_header_change() {
+    let mut vm = vm(
+        r#"{"services": [{"name": "shop", "match": {"authority": "shop.local"},
+            "stable": "shop_v1", "canary": "shop_v2", "weight": 50,
+            "retry": {"max_retries": 2, "timeout_ms": 5000}}]}"#,
+    );
+    // Routed: the steering header and the retry headers written, one clear
+    // after all of them.
+    let mut forged = shop("/");
+    forged.push(("x-envoy-max-retries", b"10".to_vec()));
+    forged.push(("x-sluice-cluster", b"admin_backend".to_vec()));
+    for _ in 0..20 {
+        let stream = vm.exchange(&forged, 200, 1);
+        assert_eq!(stream.route_cache_clears, 1);
+        // The steering header and the retry headers (forged ones
+        // overwritten), all before the clear.
+        assert!(stream.header_changes >= 3, "{}", stream.header_changes);
+        assert_eq!(stream.changes_before_clear, Some(stream.header_changes));
+        assert_ne!(
+            stream.header("x-sluice-cluster"),
+            Some(&b"admin_backend"[..])
+        );
+    }
+    // Unmatched and clean: nothing changed, nothing cleared.
+    let unmatched = vec![
+        (":authority", b"other.local".to_vec()),
+        (":path", b"/".to_vec()),
+    ];
+    assert_eq!(vm.exchange(&unmatched, 200, 1).route_cache_clears, 0);
+    // Unmatched with a forged steering header: removed, then cleared.
+    let mut unmatched_forged = unmatched.clone();
+    unmatched_forged.push(("x-sluice-cluster", b"admin_backend".to_vec()));
+    let stream = vm.exchange(&unmatched_forged, 200, 1);
+    assert_eq!(stream.header("x-sluice-cluster"), None);
+    assert_eq!(stream.route_cache_clears, 1);
+    assert_eq!(vm.host.route_cache_calls.get(), 21);
+}
+
+#[test]
+fn a_request_the_breaker_refuses_clears_no_route_cache() {
+    let mut vm = vm(r#"{"services": [{"name": "shop", "stable": "shop_v1",
+            "breaker": {"consecutive_failures": 3, "open_ms": 5000, "max_open_ms": 5000}}]}"#);
+    for _ in 0..3 {
+        vm.exchange(&shop("/"), 503, 1);
+    }
+    let calls = vm.host.route_cache_calls.get();
+    let mut forged = shop("/");
+    forged.push(("x-sluice-cluster", b"admin_backend".to_vec()));
+    let (context, action) = vm.request(&forged);
+    assert_eq!(action, HeadersAction::Stop);
+    vm.end(context, Ending::default());
+    let stream = vm.forget(context);
+    assert!(stream.local_reply.is_some());
+    assert_eq!(stream.route_cache_clears, 0);
+    assert_eq!(vm.host.route_cache_calls.get(), calls);
+}
+
+/// A host without `clear_route_cache` (NotFound) is asked once per VM, and
+/// routing goes on as before.
+#[test]
+fn a_host_without_clear_route_cache_is_asked_once_per_vm() {
+    let store = Rc::new(FaultyStore::default());
+    let clock = Rc::new(Cell::new(NOW));
+    let config = br#"{"services": [{"name": "shop", "stable": "shop_v1", "canary": "shop_v2",
+        "weight": 100}]}"#;
+    let mut vms: Vec<Vm> = (0..2)
+        .map(|seed| {
+            let mut vm = Vm::new(Rc::clone(&store), Rc::clone(&clock), seed);
+            vm.host.offers_clear_route_cache.set(false);
+            assert!(vm.configure(config));
+            vm
+        })
+        .collect();
+    for vm in &mut vms {
+        for _ in 0..50 {
+            let stream = vm.exchange(&shop("/"), 200, 1);
+            assert_eq!(stream.header("x-sluice-cluster"), Some(&b"shop_v2"[..]));
+        }
+        assert_eq!(vm.host.route_cache_calls.get(), 1);
+        // A new config in the same VM does not ask again either.
+        assert!(vm.configure(config));
+        vm.exchange(&shop("/"), 200, 1);
+        assert_eq!(vm.host.route_cache_calls.get(), 1);
+    }
 }

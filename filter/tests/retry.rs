@@ -699,7 +699,7 @@ fn garbage_state_bytes_give_a_fresh_budget_and_never_panic() {
 fn the_key_carries_over_unless_the_budget_block_changes() {
     let base = RetryPolicy::default();
     let key = budget_key("shop", &base);
-    assert!(key.starts_with("sluice.retry_budget.shop."), "{key}");
+    assert!(key.starts_with("sluice/retry_budget/shop/"), "{key}");
     let other_limits =
         policy(r#"{"max_retries": 5, "retry_on": "gateway-error", "timeout_ms": 100}"#);
     assert_eq!(budget_key("shop", &other_limits), key);

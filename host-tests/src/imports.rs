@@ -1229,8 +1229,16 @@ fn env(l: &mut Linker<HostState>, s: &mut Sigs, abi: AbiVersion) -> Result<(), S
             if name == b"clear_route_cache" {
                 let st = c.data_mut();
                 let id = st.context_id();
+                let offered = st.proxy.config.clear_route_cache;
                 if let Some(h) = st.http(id) {
-                    h.route_cache_clears += 1;
+                    h.clear_route_cache_calls += 1;
+                    if offered {
+                        h.route_cache_clears += 1;
+                    }
+                }
+                if !offered {
+                    // A host without it (Envoy's registry has no such name).
+                    return Ok(NOT_FOUND);
                 }
                 let ok =
                     (rp == 0 || write_u32(&mut c, rp, 0)) && (rs == 0 || write_u32(&mut c, rs, 0));

@@ -114,6 +114,8 @@ pub(crate) struct ProxyConfig {
     pub(crate) echo_logs: bool,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) clusters: Vec<String>,
+    /// Whether the foreign function `clear_route_cache` exists (Envoy: yes).
+    pub(crate) clear_route_cache: bool,
 }
 
 pub(crate) struct SharedData {
@@ -263,6 +265,7 @@ pub struct ProxyBuilder {
     env: Vec<(String, String)>,
     clusters: Vec<String>,
     random_seed: Option<u64>,
+    clear_route_cache: bool,
 }
 
 enum WasmSource {
@@ -359,6 +362,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// Removes the foreign function `clear_route_cache`, which Envoy 1.40
+    /// offers: `proxy_call_foreign_function("clear_route_cache")` then
+    /// answers NOT_FOUND, as from a host that lacks it.
+    pub fn without_clear_route_cache(mut self) -> Self {
+        self.clear_route_cache = false;
+        self
+    }
+
     /// Compiles (once per process) and checks the module, and creates the
     /// process. No VM is started yet: see [`Proxy::start_vm`] and [`Proxy::boot`].
     pub fn build(self) -> Result<Proxy, StartError> {
@@ -379,6 +390,7 @@ impl ProxyBuilder {
             echo_logs: self.echo_logs,
             env: self.env,
             clusters: self.clusters,
+            clear_route_cache: self.clear_route_cache,
         };
         let state = State {
             plugin_config: self.plugin_config,
@@ -466,6 +478,7 @@ impl Proxy {
             env: Vec::new(),
             clusters: Vec::new(),
             random_seed: None,
+            clear_route_cache: true,
         }
     }
 

@@ -447,6 +447,13 @@ impl Stream {
         self.read(|h| h.route_cache_clears)
     }
 
+    /// How often the plugin called the foreign function `clear_route_cache`
+    /// on this stream, whether the host offered it or answered NOT_FOUND
+    /// ([`ProxyBuilder::without_clear_route_cache`](crate::ProxyBuilder::without_clear_route_cache)).
+    pub fn clear_route_cache_calls(&self) -> u32 {
+        self.read(|h| h.clear_route_cache_calls)
+    }
+
     /// Whether [`finish`](Self::finish) ran.
     pub fn finished(&self) -> bool {
         self.read(|h| h.destroyed)

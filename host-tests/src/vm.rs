@@ -157,6 +157,8 @@ pub(crate) struct HttpCtx {
     pub(crate) filter_state: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) attributes: HashMap<Vec<u8>, PropertyValue>,
     pub(crate) route_cache_clears: u32,
+    /// Calls of the foreign function `clear_route_cache` (answered or not).
+    pub(crate) clear_route_cache_calls: u32,
     /// Envoy's router made an upstream request (the request headers went
     /// past this filter, or an upstream answered).
     pub(crate) forwarded: bool,
@@ -1846,6 +1848,7 @@ impl HttpCtx {
             filter_state: HashMap::new(),
             attributes: HashMap::new(),
             route_cache_clears: 0,
+            clear_route_cache_calls: 0,
             forwarded: false,
             response_facts_fixed: false,
             logged: false,

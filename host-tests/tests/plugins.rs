@@ -84,7 +84,7 @@ fn two_plugin_configs_in_one_vm_keep_their_shop_state_apart() {
         .count();
     let budgets = keys
         .iter()
-        .filter(|k| k.starts_with("sluice.retry_budget."))
+        .filter(|k| k.starts_with("sluice/retry_budget/"))
         .count();
     assert_eq!((breakers, budgets), (2, 2), "{keys:?}");
 

@@ -60,7 +60,7 @@ fn keys(proxy: &Proxy) -> (Vec<u8>, Vec<u8>) {
             .cloned()
             .unwrap_or_else(|| panic!("no key with {needle} in {all:?}"))
     };
-    (find("sluice/breaker/"), find("sluice.retry_budget."))
+    (find("sluice/breaker/"), find("sluice/retry_budget/"))
 }
 
 // The filter's shared encodings, decoded here to compare with a replay.

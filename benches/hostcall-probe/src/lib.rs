@@ -10,7 +10,8 @@
 //! the headers rather than the calls: `retryheaders` writes the four retry
 //! headers Sluice writes (`x-envoy-max-retries: 2`, `x-envoy-retry-on`, the
 //! per-try and the upstream timeout), `plainheaders` four headers Envoy
-//! ignores; `n` times each. `sluice` makes, once per request, exactly the
+//! ignores; `n` times each. `clearroute` calls Envoy's foreign function
+//! `clear_route_cache` (what Sluice calls once per changed request). `sluice` makes, once per request, exactly the
 //! host calls Sluice makes for a request of the load benchmark (all request
 //! headers, the clock, a read and a write of 260 bytes of shared data, the
 //! steering header and the four retry headers; the attempt count and the
@@ -81,6 +82,14 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        arguments: *const u8,
+        arguments_size: usize,
+        results: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -99,6 +108,7 @@ enum Kind {
     RetryHeaders,
     PlainHeaders,
     SluiceCalls,
+    ClearRouteCache,
 }
 
 const RETRY_HEADERS: [(&[u8], &[u8]); 4] = [
@@ -215,6 +225,24 @@ fn shared_set(value: &[u8], cas: u32) {
     };
 }
 
+/// Envoy's foreign function `clear_route_cache`, as Sluice calls it.
+fn clear_route_cache() {
+    let name = b"clear_route_cache";
+    let (mut data, mut size) = (null_mut(), 0);
+    // SAFETY: live slice and out-pointers for the duration of the call.
+    unsafe {
+        proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            name.as_ptr(),
+            0,
+            &mut data,
+            &mut size,
+        )
+    };
+    release(data, size);
+}
+
 fn property(path: &[u8]) {
     let (mut data, mut size) = (null_mut(), 0);
     // SAFETY: live slice and out-pointers for the duration of the call.
@@ -263,6 +291,7 @@ pub extern "C" fn proxy_on_configure(_root: u32, _size: usize) -> u32 {
         "retryheaders" => Kind::RetryHeaders,
         "plainheaders" => Kind::PlainHeaders,
         "sluice" => Kind::SluiceCalls,
+        "clearroute" => Kind::ClearRouteCache,
         _ => Kind::None,
     };
     let default_count = if kind == Kind::SluiceCalls {
@@ -324,6 +353,7 @@ pub extern "C" fn proxy_on_request_headers(_context: u32, _headers: usize, _eos:
             Kind::PlainHeaders => PLAIN_HEADERS
                 .iter()
                 .for_each(|(name, value)| replace_request_header(name, value)),
+            Kind::ClearRouteCache => clear_route_cache(),
             Kind::None | Kind::AttemptsProperty | Kind::FlagsProperty | Kind::SluiceCalls => {}
         }
     }

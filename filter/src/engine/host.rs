@@ -76,6 +76,12 @@ pub trait Host: SharedStore {
     fn set_request_header(&self, name: &str, value: &[u8]);
     /// Removes every value of a request header.
     fn remove_request_header(&self, name: &str);
+    /// Asks the host to select the request's route again after the engine
+    /// changed request headers: Envoy's foreign function `clear_route_cache`
+    /// (`proxy_call_foreign_function`, empty argument). Returns false when
+    /// the host does not offer it (NotFound, Unimplemented); the engine then
+    /// never asks again in this VM. True otherwise, whatever it answered.
+    fn clear_route_cache(&self) -> bool;
     /// The response's `:status`, from the response headers.
     fn response_status(&self) -> Option<u64>;
     /// An integer stream property.

@@ -14,6 +14,10 @@ use std::ptr::null_mut;
 
 /// `Status::Ok` of the proxy-wasm ABI.
 const OK: u32 = 0;
+/// `Status::NotFound`: e.g. a foreign function the host does not have.
+const NOT_FOUND: u32 = 1;
+/// `Status::Unimplemented`.
+const UNIMPLEMENTED: u32 = 12;
 
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
@@ -99,6 +103,14 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_call_foreign_function(
+        function_name_data: *const u8,
+        function_name_size: usize,
+        arguments_data: *const u8,
+        arguments_size: usize,
+        return_results_data: *mut *mut u8,
+        return_results_size: *mut usize,
+    ) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -316,4 +328,28 @@ pub fn increment_metric(id: u32, offset: i64) {
 pub fn record_metric(id: u32, value: u64) {
     // SAFETY: plain value arguments.
     let _ = unsafe { proxy_record_metric(id, value) };
+}
+
+/// Envoy's foreign function `clear_route_cache` (empty argument, no result):
+/// the route is selected again when next asked for. False when the host has
+/// no such function (NotFound, or Unimplemented); true otherwise.
+pub fn clear_route_cache() -> bool {
+    let name = b"clear_route_cache";
+    let arguments: [u8; 0] = [];
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: live slices and out-pointers for the duration of the call; a
+    // result the host allocated is taken over and freed below.
+    let status = unsafe {
+        proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            arguments.as_ptr(),
+            arguments.len(),
+            &mut data,
+            &mut size,
+        )
+    };
+    drop(take_buffer(data, size));
+    status != NOT_FOUND && status != UNIMPLEMENTED
 }

@@ -182,6 +182,10 @@ impl Host for Envoy {
         hostcalls::remove_request_header(name);
     }
 
+    fn clear_route_cache(&self) -> bool {
+        hostcalls::clear_route_cache()
+    }
+
     fn response_status(&self) -> Option<u64> {
         hostcalls::response_status()
     }
