@@ -557,6 +557,13 @@ pub fn plan(policy: &RetryPolicy, deadline_ms: Option<u64>) -> Plan {
     plan_for(policy, deadline_ms, RequestKind::Replayable)
 }
 
+/// How much longer than a gRPC client's deadline Envoy's upstream timeout
+/// runs (see `plan_for`): a tenth of it, at least 5 ms and at most 100 ms,
+/// enough for the client's own timer to fire first.
+pub fn grpc_deadline_grace_ms(deadline_ms: u64) -> u64 {
+    (deadline_ms / 10).clamp(5, 100)
+}
+
 /// The per-request plan from the policy, the client's deadline and the
 /// request's kind (`classify`). A request left with no condition at all
 /// plans no retry (and no deadline cut): the budget reserves nothing for it.
@@ -564,8 +571,20 @@ pub fn plan_for(policy: &RetryPolicy, deadline_ms: Option<u64>, kind: RequestKin
     // Envoy reads a timeout of 0 as "no timeout": an expired deadline
     // ("0n") must become the shortest timeout, not an infinite one.
     let deadline = deadline_ms.map(|deadline| deadline.max(1));
+    // A gRPC client enforces its own deadline and reports DEADLINE_EXCEEDED;
+    // if Envoy's upstream timeout fired at the same instant, the two timers
+    // would race and the client would now and then get Envoy's "upstream
+    // request timeout" as UNAVAILABLE instead (3 calls in 10 in real Envoy),
+    // a code that invites a retry. So Envoy's timeout runs a little longer
+    // than the client's deadline; the retries still fit the deadline itself.
+    let grace = match kind {
+        RequestKind::Grpc | RequestKind::GrpcReplayable => {
+            deadline.map_or(0, grpc_deadline_grace_ms)
+        }
+        RequestKind::Replayable | RequestKind::Unsafe => 0,
+    };
     let timeout_ms = match (policy.timeout_ms, deadline) {
-        (Some(timeout), Some(deadline)) => Some(timeout.min(deadline)),
+        (Some(timeout), Some(deadline)) => Some(timeout.min(deadline.saturating_add(grace))),
         (timeout, _) => timeout,
     };
     let (http, grpc) = conditions(policy, kind);
