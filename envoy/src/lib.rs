@@ -34,6 +34,7 @@ pub mod ecds;
 pub mod envoy;
 pub mod grpc;
 pub mod lds;
+pub mod load;
 pub mod prometheus;
 pub mod upstream;
 mod wire;

@@ -19,9 +19,6 @@
     clippy::indexing_slicing
 )]
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,7 +26,8 @@ use serde_json::{json, Value};
 use sluice_envoy::ecds::{self, EcdsEnvoy};
 use sluice_envoy::envoy::EnvoyOptions;
 use sluice_envoy::lds::{LdsEnvoy, PushOutcome};
-use sluice_envoy::{Client, EnvoyConfig, Upstream};
+use sluice_envoy::load::{share_of, PhasedLoad, Seen};
+use sluice_envoy::{EnvoyConfig, Upstream};
 
 /// Keep-alive clients of the load.
 const CLIENTS: usize = 6;
@@ -51,93 +49,10 @@ fn example_with(weight: f64, failure_rate: Option<f64>) -> String {
     serde_json::to_string_pretty(&value).unwrap()
 }
 
-/// One response as the load generator saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    phase: usize,
-    sent_at: Instant,
-    outcome: Result<(u16, String), String>,
-}
-
-/// Keep-alive clients sending until stopped; each counts the connections
-/// it had to open.
-struct Load {
-    stop: Arc<AtomicBool>,
-    phase: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    threads: Vec<thread::JoinHandle<u64>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let phase = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|index| {
-                let (stop, phase, seen) = (stop.clone(), phase.clone(), seen.clone());
-                thread::spawn(move || {
-                    let mut client = Client::new(addr).with_timeout(Duration::from_secs(5));
-                    let mut local = Vec::new();
-                    let mut user = index * 7_919;
-                    while !stop.load(Ordering::Relaxed) {
-                        user = (user + 104_729) % 5_000;
-                        let id = format!("user-{user}");
-                        let current = phase.load(Ordering::SeqCst);
-                        let sent_at = Instant::now();
-                        let outcome = client
-                            .get(
-                                "shop.local",
-                                "/",
-                                &[("x-user-id", id.as_str()), ("x-sluice-cluster", "v2")],
-                            )
-                            .map(|r| (r.status, r.upstream().unwrap_or("-").to_string()))
-                            .map_err(|e| e.to_string());
-                        local.push(Seen {
-                            phase: current,
-                            sent_at,
-                            outcome,
-                        });
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    seen.lock().unwrap().extend(local);
-                    client.connections_opened()
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            phase,
-            seen,
-            threads,
-        }
-    }
-
-    fn enter(&self, phase: usize) {
-        self.phase.store(phase, Ordering::SeqCst);
-    }
-
-    /// Every response, and the connections the clients opened in all.
-    fn finish(self) -> (Vec<Seen>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let opened = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
-        let seen = self.seen.lock().unwrap().clone();
-        (seen, opened)
-    }
-}
-
-/// Canary share of a phase's answered requests sent at least `settle` after
-/// the phase began.
+/// Share of a phase's answered requests that reached v2, skipping the
+/// first `settle` after the phase began.
 fn canary_share(seen: &[Seen], phase: usize, began: Instant, settle: Duration) -> (f64, usize) {
-    let settled: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.phase == phase && s.sent_at >= began + settle)
-        .collect();
-    let canary = settled
-        .iter()
-        .filter(|s| matches!(&s.outcome, Ok((_, upstream)) if upstream == "v2"))
-        .count();
-    (canary as f64 / settled.len().max(1) as f64, settled.len())
+    share_of(seen, phase, began, settle, "v2")
 }
 
 fn failed(seen: &[Seen]) -> Vec<&Seen> {
@@ -167,7 +82,7 @@ fn ecds_pushes_under_load_lose_no_request_and_drain_no_connection() {
         .stat("listener_manager.listener_modified")
         .unwrap()
         .unwrap_or(0);
-    let load = Load::start(proxy.envoy.addr(), CLIENTS);
+    let load = PhasedLoad::start(proxy.envoy.addr(), CLIENTS, &[("x-sluice-cluster", "v2")]);
     let mut began = vec![Instant::now()];
     thread::sleep(PHASE);
 
@@ -301,7 +216,7 @@ fn lds_pushes_under_load_lose_no_request_but_drain_the_connections() {
         ..EnvoyOptions::default()
     };
     let mut proxy = LdsEnvoy::start(&config, &options).unwrap();
-    let load = Load::start(proxy.envoy.addr(), CLIENTS);
+    let load = PhasedLoad::start(proxy.envoy.addr(), CLIENTS, &[("x-sluice-cluster", "v2")]);
     thread::sleep(PHASE);
     for (phase, weight) in [(1, 50.0), (2, 100.0)] {
         assert_eq!(proxy.push(&sluice(weight)).unwrap(), PushOutcome::Accepted);

@@ -13,14 +13,13 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_envoy::envoy::EnvoyOptions;
 use sluice_envoy::lds::{LdsEnvoy, PushOutcome};
+use sluice_envoy::load::{share_of, PhasedLoad, Seen};
 use sluice_envoy::{Client, EnvoyConfig, Upstream};
 
 fn shop(weight: f64, extra_rule: Option<Value>, failure_rate: f64) -> String {
@@ -59,92 +58,12 @@ fn options() -> EnvoyOptions {
     }
 }
 
-/// One response as the load generator saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    phase: usize,
-    sent_at: Instant,
-    outcome: Result<(u16, String), String>,
-}
-
-/// Several keep-alive clients sending as fast as they can until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    phase: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let phase = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|index| {
-                let (stop, phase, seen) = (stop.clone(), phase.clone(), seen.clone());
-                thread::spawn(move || {
-                    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-                    let mut client = Client::new(addr).with_timeout(Duration::from_secs(5));
-                    let mut local = Vec::new();
-                    let mut user = index * 7_919;
-                    while !stop.load(Ordering::Relaxed) {
-                        user = (user + 104_729) % 5_000;
-                        let id = format!("user-{user}");
-                        let current = phase.load(Ordering::SeqCst);
-                        let sent_at = Instant::now();
-                        let outcome = client
-                            .get("shop.local", "/", &[("x-user-id", id.as_str())])
-                            .map(|r| (r.status, r.upstream().unwrap_or("-").to_string()))
-                            .map_err(|e| e.to_string());
-                        local.push(Seen {
-                            phase: current,
-                            sent_at,
-                            outcome,
-                        });
-                        // Bounded: a few hundred to a few thousand per second.
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    seen.lock().unwrap().extend(local);
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            phase,
-            seen,
-            threads,
-        }
-    }
-
-    fn enter(&self, phase: usize) {
-        self.phase.store(phase, Ordering::SeqCst);
-    }
-
-    fn finish(self) -> Vec<Seen> {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
-        let seen = self.seen.lock().unwrap().clone();
-        seen
-    }
-}
-
 /// Canary share of a phase's answered requests, skipping the first
 /// `SETTLE` after the phase began: keep-alive connections opened before a
 /// push stay on the previous filter chain until Envoy drains them
 /// (`--drain-time-s 1`), exactly as in production.
 fn canary_share(seen: &[Seen], phase: usize, began: Instant) -> (f64, usize) {
-    let settled: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.phase == phase && s.sent_at >= began + SETTLE)
-        .collect();
-    let canary = settled
-        .iter()
-        .filter(|s| matches!(&s.outcome, Ok((_, upstream)) if upstream == "canary"))
-        .count();
-    (canary as f64 / settled.len().max(1) as f64, settled.len())
+    share_of(seen, phase, began, SETTLE, "canary")
 }
 
 #[test]
@@ -157,7 +76,10 @@ fn config_pushes_under_load_fail_no_request() {
         .upstream("shop_v1", &stable)
         .upstream("shop_v2", &canary);
     let mut proxy = LdsEnvoy::start(&config, &options()).unwrap();
-    let load = Load::start(proxy.listener_port(), 6);
+    let addr = format!("127.0.0.1:{}", proxy.listener_port())
+        .parse()
+        .unwrap();
+    let load = PhasedLoad::start(addr, 6, &[]);
     let mut began = vec![Instant::now()];
     thread::sleep(PHASE);
 
@@ -213,7 +135,7 @@ fn config_pushes_under_load_fail_no_request() {
     load.enter(4);
     began.push(Instant::now());
     thread::sleep(PHASE);
-    let seen = load.finish();
+    let (seen, _) = load.finish();
 
     let failed: Vec<&Seen> = seen
         .iter()
