@@ -145,6 +145,9 @@ fn run_scenario() -> Seen {
         assert_eq!(r.status, 503, "{r:?}");
     }
     assert!(diverted, "the canary's breaker never opened");
+    // The other worker may trust its cached "closed" verdict for up to
+    // 100 ms (README: a breaker another worker opened is seen within it).
+    std::thread::sleep(std::time::Duration::from_millis(200));
     for _ in 0..4 {
         let r = get(&mut clients[1], "shop.local", &[("x-canary", "always")]);
         assert_eq!(r.upstream(), Some("stable"), "{r:?}");
