@@ -44,7 +44,7 @@ use criterion::Criterion;
 use sluice_benches::instrument::{self, instrument, EXPORT_MARK};
 use sluice_benches::workload::{
     self, pairs, passthrough_wasm, probe_wasm, read_wasm, request_headers, response_headers,
-    sluice_wasm, user, REALISTIC_CONFIG, USERS,
+    sluice_wasm, user, HEADERS_CONFIG, REALISTIC_CONFIG, USERS,
 };
 use sluice_host::{LogLevel, Proxy, Vm};
 use std::collections::BTreeMap;
@@ -524,6 +524,12 @@ fn cases() -> Vec<(Module, Traffic)> {
         (passthrough(), Traffic::realistic()),
         (sluice_calls(), Traffic::realistic()),
         (sluice("sluice", REALISTIC_CONFIG), Traffic::realistic()),
+        // The same policy as configured before issue 13: retry headers and
+        // the steering header written on every request.
+        (
+            sluice("sluice_headers", HEADERS_CONFIG),
+            Traffic::realistic(),
+        ),
         (
             sluice("sluice_unmatched", REALISTIC_CONFIG),
             Traffic::with(|n| {

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 /// The realistic config: one service with header/cookie/device rules, a
 /// sticky 10 % split, a retry policy with a budget, and breakers.
 pub const REALISTIC_CONFIG: &str = include_str!("../config/sluice.json");
+/// The realistic config as Sluice was configured before issue 13: the retry
+/// policy written in headers on every request (`retry.mode` "headers") and
+/// the steering header written for stable too.
+pub const HEADERS_CONFIG: &str = include_str!("../config/sluice-headers.json");
 
 /// The host the realistic config matches.
 pub const HOST: &str = "shop.local";

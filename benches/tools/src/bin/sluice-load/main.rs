@@ -24,7 +24,9 @@ mod chart;
 mod setups;
 
 use setups::{Inputs, Setup};
-use sluice_benches::workload::{self, request_headers, HOST, REALISTIC_CONFIG, USERS};
+use sluice_benches::workload::{
+    self, request_headers, HEADERS_CONFIG, HOST, REALISTIC_CONFIG, USERS,
+};
 use sluice_envoy::{Client, Envoy, EnvoyOptions, Upstream};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,7 +46,10 @@ options:
   --setups a,b,...    any of ceiling,passthrough,sluice,native,lua (the default set),
                       sluice-split,sluice-noretry (Sluice with parts removed, to price them)
                       and passthrough-raw (pass-through without the SDK's extra callbacks)
-                      and sluice-baseline (Sluice from $SLUICE_BASELINE_WASM: A/B of a build)
+                      and sluice-baseline (Sluice from $SLUICE_BASELINE_WASM, config from
+                      $SLUICE_BASELINE_CONFIG or the realistic one: A/B of a build),
+                      sluice-steer-all (steering header on every request) and
+                      sluice-headers (benches/config/sluice-headers.json: retry headers too)
   --upstream KIND     envoy (direct_response, default) or harness (sluice-envoy's Upstream)
   --response-bytes N  the upstream's response body in bytes (default 3: ok and a newline);
                       envoy upstream only (body chunks per response: benches/README.md)
@@ -472,6 +477,11 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
     if options.setups.contains(&Setup::SluiceBaseline) {
         workload::read_wasm(&baseline_wasm)?;
     }
+    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
+        None => REALISTIC_CONFIG.to_string(),
+    };
     let inputs = Inputs {
         sluice_wasm: &sluice_wasm,
         baseline_wasm: &baseline_wasm,
@@ -479,6 +489,8 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
         passthrough_raw_wasm: &passthrough_raw_wasm,
         probe_wasm: &probe_wasm,
         sluice_config: REALISTIC_CONFIG,
+        baseline_config: &baseline_config,
+        headers_config: HEADERS_CONFIG,
         upstream_ports: ports,
     };
     let mut proxies = Vec::new();

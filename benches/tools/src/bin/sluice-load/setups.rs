@@ -37,6 +37,12 @@ pub enum Setup {
     /// (`$SLUICE_BASELINE_WASM`): the A/B of a change, in the same run as
     /// `Sluice` (not in the default set).
     SluiceBaseline,
+    /// Sluice with `stable_by_default` off: the steering header written on
+    /// every routed request, as `cluster_header` mode did before it.
+    SluiceSteerAll,
+    /// Sluice with `benches/config/sluice-headers.json`: the retry policy in
+    /// headers on every request and the steering header on every request.
+    SluiceHeaders,
 }
 
 impl Setup {
@@ -50,11 +56,13 @@ impl Setup {
     ];
 
     /// Extra setups, selectable with `--setups`.
-    pub const EXTRA: [Setup; 4] = [
+    pub const EXTRA: [Setup; 6] = [
         Setup::SluiceSplit,
         Setup::SluiceNoRetry,
         Setup::PassthroughRaw,
         Setup::SluiceBaseline,
+        Setup::SluiceSteerAll,
+        Setup::SluiceHeaders,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +77,8 @@ impl Setup {
             Setup::SluiceNoRetry => "sluice-noretry",
             Setup::SluiceCalls => "sluice-calls",
             Setup::SluiceBaseline => "sluice-baseline",
+            Setup::SluiceSteerAll => "sluice-steer-all",
+            Setup::SluiceHeaders => "sluice-headers",
         }
     }
 
@@ -94,7 +104,13 @@ impl Setup {
                 "Sluice's host calls and nothing else (the probe module): the floor for what Sluice asks of Envoy"
             }
             Setup::SluiceBaseline => {
-                "Sluice as in the sluice setup, from the build at $SLUICE_BASELINE_WASM: the A/B of a change"
+                "Sluice from the build at $SLUICE_BASELINE_WASM, with the config at $SLUICE_BASELINE_CONFIG (default: the realistic one): the A/B of a change"
+            }
+            Setup::SluiceSteerAll => {
+                "Sluice with the realistic config but stable_by_default off: the steering header written on every request (cluster_header mode as before)"
+            }
+            Setup::SluiceHeaders => {
+                "Sluice with benches/config/sluice-headers.json: the retry policy written in headers on every request and the steering header on every request"
             }
         }
     }
@@ -112,6 +128,8 @@ impl Setup {
             self,
             Setup::Sluice
                 | Setup::SluiceBaseline
+                | Setup::SluiceSteerAll
+                | Setup::SluiceHeaders
                 | Setup::Native
                 | Setup::Lua
                 | Setup::SluiceNoRetry
@@ -128,6 +146,8 @@ impl Setup {
                 | Setup::SluiceNoRetry
                 | Setup::SluiceCalls
                 | Setup::SluiceBaseline
+                | Setup::SluiceSteerAll
+                | Setup::SluiceHeaders
         )
     }
 }
@@ -141,6 +161,11 @@ pub struct Inputs<'a> {
     pub passthrough_raw_wasm: &'a Path,
     pub probe_wasm: &'a Path,
     pub sluice_config: &'a str,
+    /// The baseline build's config: an older build refuses keys it does
+    /// not know.
+    pub baseline_config: &'a str,
+    /// `benches/config/sluice-headers.json`.
+    pub headers_config: &'a str,
     /// Ports of the upstream for shop_v1 and shop_v2.
     pub upstream_ports: (u16, u16),
 }
@@ -313,20 +338,23 @@ fn lua_filter() -> String {
     )
 }
 
+/// Every setup's routes carry the same retry policy and timeout (the
+/// realistic config's, which Sluice's `retry.mode: "route"` declares), so
+/// that each setup is priced over the same router work: the router keeps
+/// retry state for every request of every setup.
 const RETRY_POLICY: &str = "                  retry_policy:
                     retry_on: \"5xx,reset,connect-failure,refused-stream\"
                     num_retries: 2
                     per_try_timeout: 1s
 ";
 
-fn route(matcher: &str, action: &str, retry: bool) -> String {
+fn route(matcher: &str, action: &str) -> String {
     format!(
         "              - match:
                   prefix: \"/\"
 {matcher}                route:
 {action}                  timeout: 5s
-{retry}",
-        retry = if retry { RETRY_POLICY } else { "" },
+{RETRY_POLICY}"
     )
 }
 
@@ -359,8 +387,7 @@ fn steering_routes() -> String {
     route(
         &header_match("x-sluice-cluster", "present_match: true"),
         "                  cluster_header: x-sluice-cluster\n",
-        false,
-    ) + &route("", &cluster_action("shop_v1"), false)
+    ) + &route("", &cluster_action("shop_v1"))
 }
 
 fn native_routes() -> String {
@@ -368,24 +395,20 @@ fn native_routes() -> String {
         route(
             &header_match("x-canary", "string_match: { exact: always }"),
             &cluster_action("shop_v2"),
-            true,
         ),
         route(
             &header_match("x-canary", "string_match: { exact: never }"),
             &cluster_action("shop_v1"),
-            true,
         ),
         route(
             &header_match("cookie", "string_match: { contains: \"beta=yes\" }"),
             &cluster_action("shop_v2"),
-            true,
         ),
         route(
             &header_match("user-agent", "string_match: { contains: Mobile }"),
             &weighted(50, 50),
-            true,
         ),
-        route("", &weighted(90, 10), true),
+        route("", &weighted(90, 10)),
     ]
     .concat()
 }
@@ -404,6 +427,23 @@ fn reduced_config(config: &str, keep_rules: bool) -> String {
                     object.remove("rules");
                     object.remove("breaker");
                 }
+            }
+        }
+    }
+    value.to_string()
+}
+
+/// The realistic config with `stable_by_default` off in every service:
+/// Sluice writes the steering header on every request it routes, stable
+/// included (what it did before the key existed).
+fn steer_all_config(config: &str) -> String {
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(config) else {
+        return config.to_string();
+    };
+    if let Some(services) = value["services"].as_array_mut() {
+        for service in services {
+            if let Some(object) = service.as_object_mut() {
+                object.insert("stable_by_default".to_string(), false.into());
             }
         }
     }
@@ -445,10 +485,10 @@ fn cluster(name: &str, port: u16, native: bool) -> String {
 /// The bootstrap of one proxy setup (admin and listener on port 0).
 pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
     let (filters, routes) = match setup {
-        Setup::Ceiling => (String::new(), route("", &cluster_action("shop_v1"), false)),
+        Setup::Ceiling => (String::new(), route("", &cluster_action("shop_v1"))),
         Setup::Passthrough => (
             wasm_filter("passthrough", "passthrough", inputs.passthrough_wasm, ""),
-            route("", &cluster_action("shop_v1"), false),
+            route("", &cluster_action("shop_v1")),
         ),
         Setup::PassthroughRaw => (
             wasm_filter(
@@ -457,7 +497,7 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
                 inputs.passthrough_raw_wasm,
                 "",
             ),
-            route("", &cluster_action("shop_v1"), false),
+            route("", &cluster_action("shop_v1")),
         ),
         Setup::Sluice => (
             wasm_filter("sluice", "sluice", inputs.sluice_wasm, inputs.sluice_config),
@@ -468,7 +508,25 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
                 "sluice",
                 "sluice",
                 inputs.baseline_wasm,
-                inputs.sluice_config,
+                inputs.baseline_config,
+            ),
+            steering_routes(),
+        ),
+        Setup::SluiceSteerAll => (
+            wasm_filter(
+                "sluice",
+                "sluice",
+                inputs.sluice_wasm,
+                &steer_all_config(inputs.sluice_config),
+            ),
+            steering_routes(),
+        ),
+        Setup::SluiceHeaders => (
+            wasm_filter(
+                "sluice",
+                "sluice",
+                inputs.sluice_wasm,
+                inputs.headers_config,
             ),
             steering_routes(),
         ),
@@ -515,6 +573,7 @@ static_resources:
             virtual_hosts:
             - name: shop
               domains: [\"*\"]
+              include_attempt_count_in_response: true
               routes:
 {routes}  clusters:
 {v1}{v2}",
