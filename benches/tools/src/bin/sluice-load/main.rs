@@ -25,7 +25,7 @@ mod setups;
 
 use setups::{Inputs, Setup};
 use sluice_benches::workload::{
-    self, request_headers, HEADERS_CONFIG, HOST, REALISTIC_CONFIG, USERS,
+    self, request_headers, user, HEADERS_CONFIG, HOST, REALISTIC_CONFIG, USERS,
 };
 use sluice_envoy::{Client, Envoy, EnvoyOptions, Upstream};
 use std::collections::BTreeMap;
@@ -56,6 +56,10 @@ options:
   --pin               pin the proxies to CPU 1, wrk and the upstream to CPU 0 (taskset)
   --wait-idle S       wait up to S seconds for a 1-minute load average below 0.5
   --quick             smoke run: 1 round of 2 s, 1 s warm-up, 8 connections
+  --count-crossings N instead of loading: run each Wasm setup's module in its crossing-logging
+                      copy (sluice-instrument) in Envoy with wasm:trace, send N realistic requests
+                      one by one, and report the crossings Envoy made per request
+                      (envoy-crossings-<stamp>.md)
   --out DIR           where the report goes (default benches/results)
   --stamp TEXT        file name stamp (default: UTC date and time)
 ";
@@ -82,6 +86,8 @@ struct Options {
     quick: bool,
     out: PathBuf,
     stamp: String,
+    /// Count crossings in Envoy over this many requests instead of loading.
+    count_crossings: Option<usize>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -99,6 +105,7 @@ fn parse_options() -> Result<Options, String> {
         quick: false,
         out: workload::repo_root().join("benches/results"),
         stamp: utc_stamp(),
+        count_crossings: None,
     };
     let mut args = std::env::args().skip(1);
     let mut explicit = Vec::new();
@@ -127,6 +134,9 @@ fn parse_options() -> Result<Options, String> {
             }
             "--response-bytes" => {
                 options.response_bytes = Some(number(value("--response-bytes")?)? as usize);
+            }
+            "--count-crossings" => {
+                options.count_crossings = Some(number(value("--count-crossings")?)? as usize);
             }
             "--pin" => options.pin = true,
             "--quick" => options.quick = true,
@@ -1068,6 +1078,9 @@ fn run(options: &Options) -> Result<(), String> {
         }
     }
     let ports = upstream.ports()?;
+    if let Some(requests) = options.count_crossings {
+        return count_crossings(options, ports, &raw_dir, requests, &envoy_version);
+    }
 
     let script = raw_dir.join("requests.lua");
     std::fs::write(
@@ -1269,6 +1282,163 @@ fn run(options: &Options) -> Result<(), String> {
     );
     drop(proxies);
     drop(upstream);
+    Ok(())
+}
+
+/// Crossings per request in a real Envoy: each Wasm setup's module is
+/// rewritten by `sluice-instrument` (every host call and callback logs
+/// `hc>name` / `cb<name` at trace level first), loaded with `wasm:trace`,
+/// and sent `requests` realistic requests one at a time. The lines logged
+/// from the first request to a tick after the last, divided by the requests,
+/// are the crossings Envoy made per request, ticks included (as in the
+/// wasmtime count, `benches/results/wasmtime-crossings.md`).
+fn count_crossings(
+    options: &Options,
+    ports: (u16, u16),
+    raw_dir: &Path,
+    requests: usize,
+    envoy_version: &str,
+) -> Result<(), String> {
+    let instrumented = |path: &Path, name: &str| -> Result<PathBuf, String> {
+        let wasm = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let rewritten = sluice_benches::instrument::instrument(&wasm)?;
+        let out = raw_dir.join(format!("{name}.instrumented.wasm"));
+        std::fs::write(&out, &rewritten.wasm).map_err(|e| format!("{}: {e}", out.display()))?;
+        Ok(out)
+    };
+    let sluice_wasm = workload::sluice_wasm();
+    let baseline_wasm = std::env::var_os("SLUICE_BASELINE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sluice_wasm.clone());
+    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
+        None => REALISTIC_CONFIG.to_string(),
+    };
+    let sluice = instrumented(&sluice_wasm, "sluice")?;
+    let baseline = instrumented(&baseline_wasm, "baseline")?;
+    let passthrough = instrumented(&workload::passthrough_wasm(), "passthrough")?;
+    let passthrough_raw = match instrumented(&workload::passthrough_raw_wasm(), "passthrough_raw") {
+        Ok(path) => path,
+        Err(_) => passthrough.clone(),
+    };
+    let probe = instrumented(&workload::probe_wasm(), "probe")?;
+    let inputs = Inputs {
+        sluice_wasm: &sluice,
+        baseline_wasm: &baseline,
+        passthrough_wasm: &passthrough,
+        passthrough_raw_wasm: &passthrough_raw,
+        probe_wasm: &probe,
+        sluice_config: REALISTIC_CONFIG,
+        baseline_config: &baseline_config,
+        headers_config: HEADERS_CONFIG,
+        upstream_ports: ports,
+    };
+    let trace = EnvoyOptions {
+        concurrency: 1,
+        log_level: "info".to_string(),
+        component_log_level: Some("wasm:trace".to_string()),
+        ..EnvoyOptions::default()
+    };
+    let marked = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter_map(|line| {
+                let at = line
+                    .find(sluice_benches::instrument::IMPORT_MARK)
+                    .or_else(|| line.find(sluice_benches::instrument::EXPORT_MARK))?;
+                line.get(at..).map(|message| message.trim().to_string())
+            })
+            .collect()
+    };
+    let mut report = format!(
+        "# ABI crossings per request in Envoy\n\n\
+         Generated by `bash benches/load.sh --count-crossings {requests} --setups {setups}` on {stamp}: \
+         Envoy {envoy_version}, one worker, each module rewritten by `sluice-instrument` (every host call \
+         `hc>` and callback `cb<`, `malloc` included, logs itself at trace level first), {requests} \
+         realistic requests sent one at a time (users in turn, as the load run). Counted from the first \
+         request to 600 ms after the last, ticks of both VMs (main thread and worker) included, divided by \
+         the requests.\n",
+        setups = options
+            .setups
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        stamp = options.stamp,
+    );
+    for &setup in options.setups.iter().filter(|setup| setup.is_wasm()) {
+        let yaml = setups::proxy_yaml(setup, &inputs);
+        let _ = std::fs::write(
+            raw_dir.join(format!("{}.crossings.yaml", setup.name())),
+            &yaml,
+        );
+        let envoy =
+            Envoy::start_yaml(&yaml, &trace).map_err(|e| format!("{}: {e}", setup.name()))?;
+        std::thread::sleep(Duration::from_millis(600));
+        let before = marked(&envoy.log()).len();
+        let mut client = Client::new(envoy.addr()).with_timeout(Duration::from_secs(5));
+        for n in 0..requests {
+            let headers = request_headers(&user(n));
+            let plain: Vec<(&str, &str)> = headers
+                .iter()
+                .filter(|(name, _)| !name.starts_with(':'))
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            let response = client
+                .get(HOST, "/api/items?page=2", &plain)
+                .map_err(|e| format!("{}: request {n}: {e}", setup.name()))?;
+            if response.status != 200 {
+                return Err(format!(
+                    "{}: request {n} answered {}",
+                    setup.name(),
+                    response.status
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(600));
+        let messages = marked(&envoy.log());
+        let counted = messages.get(before..).unwrap_or_default();
+        let tally = sluice_benches::instrument::tally(counted.iter().map(String::as_str));
+        let per = |count: u64| count as f64 / requests as f64;
+        let calls: u64 = tally
+            .iter()
+            .filter(|(name, _)| name.starts_with(sluice_benches::instrument::IMPORT_MARK))
+            .map(|(_, count)| count)
+            .sum();
+        let entries: u64 = tally
+            .iter()
+            .filter(|(name, _)| name.starts_with(sluice_benches::instrument::EXPORT_MARK))
+            .map(|(_, count)| count)
+            .sum();
+        let _ = write!(
+            report,
+            "\n### {} ({})\n\n| crossing | per request |\n|---|---:|\n",
+            setup.name(),
+            setup.describe()
+        );
+        let mut rows: Vec<(&String, &u64)> = tally.iter().collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (name, count) in rows {
+            let _ = writeln!(report, "| `{name}` | {:.2} |", per(*count));
+        }
+        let _ = writeln!(
+            report,
+            "| **host calls** | **{:.2}** |\n| **entries (callbacks + malloc)** | **{:.2}** |\n| **all crossings** | **{:.2}** |",
+            per(calls),
+            per(entries),
+            per(calls + entries)
+        );
+        eprintln!(
+            "sluice-load: {}: {:.2} crossings per request in Envoy",
+            setup.name(),
+            per(calls + entries)
+        );
+    }
+    let path = options
+        .out
+        .join(format!("envoy-crossings-{}.md", options.stamp));
+    std::fs::write(&path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("{report}\n(written to {})", path.display());
     Ok(())
 }
 
