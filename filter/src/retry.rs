@@ -7,6 +7,15 @@
 //! overwriting whatever the client sent, and learns at the end of the request
 //! how many attempts the router made (`upstream.request_attempt_count`).
 //!
+//! In route mode (`RetryMode::Route`) the route's `retry_policy` and timeout
+//! carry the policy and the block states them; Sluice then writes only what
+//! lowers them for one request (`for_each_route_header`): fewer retries than
+//! the route's, a shorter timeout. A header cannot narrow the route's
+//! conditions (Envoy ORs `x-envoy-retry-on` with them), so a request that
+//! may not be replayed gets no retry at all when the route's conditions
+//! could replay it after the application acted (`plan_for`). In both modes
+//! a client's copies of the owned headers are removed.
+//!
 //! # The budget
 //!
 //! Like Finagle's and Linkerd's retry budgets (and tower's `TpsBudget`), the
