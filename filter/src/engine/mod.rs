@@ -271,8 +271,9 @@ impl Worker {
     /// the steering header (a header-match route, or `cluster_header`) sees
     /// what Sluice wrote, not what the client sent.
     ///
-    /// Cost and why it is paid: one crossing per request whose headers
-    /// changed (none for a request Sluice leaves alone or refuses), with no
+    /// Cost and why it is paid: one crossing per request whose steering
+    /// header changed (none for a request Sluice leaves alone, keeps on
+    /// stable with `stable_by_default`, or refuses), with no
     /// argument and no result, hence no `malloc` callback. Envoy looks the
     /// name up in its table of foreign functions and drops the cached
     /// route. Measured in Envoy 1.40 with the host-call probe (20 calls per
