@@ -230,6 +230,8 @@ fn the_istio_manifests_hold_a_config_sluice_accepts_and_route_by_its_values() {
         "the last route is the default: {default_route}"
     );
     assert_eq!(destination(default_route), stable);
+    // The default route is stable, so the config need not write it.
+    assert!(service.stable_by_default, "stable_by_default is not set");
 
     // The VirtualService is bound to the gateway whose pods run the filter.
     let gateway = one(&docs, "Gateway");
@@ -324,6 +326,9 @@ fn the_envoy_gateway_manifests_hold_a_config_sluice_accepts_and_route_by_its_val
     );
     assert_eq!(backend(matched[0]), canary);
     assert_eq!(backend(default[0]), stable);
+    // The default rule is stable, so the config need not write it (and
+    // may not claim so otherwise).
+    assert!(service.stable_by_default, "stable_by_default is not set");
 }
 
 /// Kubernetes reads manifests as YAML 1.1, where an unquoted `yes`, `no`,

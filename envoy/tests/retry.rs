@@ -13,8 +13,8 @@
 //! and timeout headers from external requests before any filter runs, but
 //! honours them from internal callers (a mesh neighbour). That is the case
 //! where only Sluice's overwriting stands between a client and its own
-//! retries, so that is what the tests run; a control request to a service
-//! without a retry block shows Envoy really does obey the client there.
+//! retries, so that is what the tests run; a control request to a host no
+//! service matches shows Envoy really does obey the client there.
 //!
 //! Needs `cargo build --release --target wasm32-wasip1 -p sluice` first (or
 //! `SLUICE_WASM`), and Envoy from `scripts/setup.sh`. Run with
@@ -53,8 +53,8 @@ fn example_retry() -> Value {
 }
 
 /// The shop service with `retry`, and a service without a retry block on
-/// the same upstream (`open.local`), where the route's and the client's
-/// settings apply.
+/// the same upstream (`open.local`), where the route's settings apply (and
+/// a client's retry headers are removed).
 fn shop(retry: Value) -> Value {
     json!({
         "steering_header": "x-sluice-cluster",
@@ -184,12 +184,13 @@ fn an_outage_stays_within_the_budget_though_clients_ask_for_10_retries() {
     upstream.set_record_limit(0);
     let created_second = unix_s();
     let envoy = start(&shop(example_retry()), &upstream);
-    // Control: where Sluice does not govern, Envoy obeys the client's
-    // headers (three retries here), so the test below is meaningful.
+    // Control: where Sluice does not route (a host no service matches),
+    // Envoy obeys the client's headers (three retries here), so the test
+    // below is meaningful.
     let control = envoy
         .client()
         .get(
-            "open.local",
+            "elsewhere.local",
             "/",
             &[("x-envoy-max-retries", "3"), ("x-envoy-retry-on", "5xx")],
         )
@@ -200,6 +201,18 @@ fn an_outage_stays_within_the_budget_though_clients_ask_for_10_retries() {
         4,
         "Envoy ignored the client's retry headers"
     );
+    // A service without a retry block: Sluice removes them, the route's
+    // policy (none) stands.
+    let open = envoy
+        .client()
+        .get(
+            "open.local",
+            "/",
+            &[("x-envoy-max-retries", "3"), ("x-envoy-retry-on", "5xx")],
+        )
+        .unwrap();
+    assert_eq!(open.status, 503);
+    assert_eq!(upstream.requests(), 5, "a client added its own retries");
     upstream.reset_counters();
     envoy.admin_request("POST", "/reset_counters").unwrap();
     // The budget is fresh: nothing deposited or charged before this second.

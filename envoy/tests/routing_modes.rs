@@ -14,6 +14,11 @@
 //! matches arrives at stable with no steering header at all; and the
 //! examples' `stats_config` labels the routed counts in `/stats/prometheus`.
 //!
+//! Both examples ship with `"stable_by_default": true` (their default route
+//! is stable): a request Sluice keeps on stable reaches the stable upstream
+//! WITHOUT the header, and no upstream ever receives a client's value. Each
+//! mode also runs with it turned off, where stable gets Sluice's value.
+//!
 //! Needs `cargo build --release --target wasm32-wasip1 -p sluice` first (or
 //! `SLUICE_WASM`), and Envoy from `scripts/setup.sh`.
 //!
@@ -55,11 +60,20 @@ fn replace_once(yaml: &str, from: &str, to: &str, file: &str) -> String {
 /// ports (`listener`, `admin`) set to 0 (the harness finds them), and the
 /// upstream ports 9001 (stable) and 9002 (canary) pointing at real
 /// upstreams.
-fn start_example(file: &str, listener: u16, admin: u16) -> Example {
+/// `stable_by_default: false` turns off what the example ships with.
+fn start_example(file: &str, listener: u16, admin: u16, stable_by_default: bool) -> Example {
     let wasm = sluice_envoy::require_wasm().unwrap_or_else(|m| panic!("{m}"));
     let stable = Upstream::start("stable").unwrap();
     let canary = Upstream::start("canary").unwrap();
-    let text = std::fs::read_to_string(sluice_envoy::repo_root().join(file)).unwrap();
+    let mut text = std::fs::read_to_string(sluice_envoy::repo_root().join(file)).unwrap();
+    if !stable_by_default {
+        text = replace_once(
+            &text,
+            r#""stable_by_default": true,"#,
+            r#""stable_by_default": false,"#,
+            file,
+        );
+    }
     let mut yaml = replace_once(
         &text,
         "filename: target/wasm32-wasip1/release/sluice.wasm",
@@ -114,8 +128,9 @@ fn steering(rec: &RecordedRequest) -> Vec<&str> {
 
 /// The scenario both modes share. `stable_value` and `canary_value` are
 /// what Sluice writes (cluster names in cluster_header mode, route values
-/// in header-match mode).
-fn check_mode(ex: &Example, stable_value: &str, canary_value: &str) {
+/// in header-match mode); with `stable_by_default` it writes nothing for
+/// stable, and stable's requests must arrive without the header.
+fn check_mode(ex: &Example, stable_value: &str, canary_value: &str, stable_by_default: bool) {
     let mut clients: Vec<Client> = ex.envoy.clients_on_both_workers(2);
     let n = clients.len();
     let users: Vec<String> = (0..400).map(|i| format!("mode-user-{i}")).collect();
@@ -211,14 +226,20 @@ fn check_mode(ex: &Example, stable_value: &str, canary_value: &str) {
         assert_eq!(s, Side::Stable);
     }
 
-    // What the upstreams received: Sluice's value, once; unmatched requests
-    // none; the canary nothing but what Sluice sent there.
+    // What the upstreams received: Sluice's value, once (none for stable
+    // with stable_by_default); unmatched requests none; the canary nothing
+    // but what Sluice sent there. A client's value never arrives.
     let shop_canary = sent.get("canary").copied().unwrap_or(0);
     let shop_stable = sent.get("stable").copied().unwrap_or(0);
     assert_eq!(ex.canary.requests(), shop_canary);
     for rec in ex.canary.recorded() {
         assert_eq!(steering(&rec), [canary_value], "{rec:?}");
     }
+    let stable_expected: &[&str] = if stable_by_default {
+        &[]
+    } else {
+        &[stable_value]
+    };
     let mut unmatched = 0;
     for rec in ex.stable.recorded() {
         if rec.header("host") == Some("elsewhere.local") {
@@ -228,7 +249,7 @@ fn check_mode(ex: &Example, stable_value: &str, canary_value: &str) {
                 "unmatched kept a header: {rec:?}"
             );
         } else {
-            assert_eq!(steering(&rec), [stable_value], "{rec:?}");
+            assert_eq!(steering(&rec), stable_expected, "{rec:?}");
         }
     }
     assert_eq!(unmatched, 10);
@@ -257,21 +278,38 @@ fn check_mode(ex: &Example, stable_value: &str, canary_value: &str) {
 
 #[test]
 fn cluster_header_mode_example() {
-    let ex = start_example("envoy/examples/sluice.yaml", 10000, 9901);
-    check_mode(&ex, "shop_v1", "shop_v2");
+    let ex = start_example("envoy/examples/sluice.yaml", 10000, 9901, true);
+    check_mode(&ex, "shop_v1", "shop_v2", true);
 }
 
 #[test]
 fn header_match_mode_example() {
-    let ex = start_example("envoy/examples/sluice-header-match.yaml", 10010, 9921);
-    check_mode(&ex, "v1", "v2");
+    let ex = start_example("envoy/examples/sluice-header-match.yaml", 10010, 9921, true);
+    check_mode(&ex, "v1", "v2", true);
+}
+
+#[test]
+fn cluster_header_mode_writing_stable() {
+    let ex = start_example("envoy/examples/sluice.yaml", 10000, 9901, false);
+    check_mode(&ex, "shop_v1", "shop_v2", false);
+}
+
+#[test]
+fn header_match_mode_writing_stable() {
+    let ex = start_example(
+        "envoy/examples/sluice-header-match.yaml",
+        10010,
+        9921,
+        false,
+    );
+    check_mode(&ex, "v1", "v2", false);
 }
 
 /// In header-match mode Sluice's values are not cluster names: a forged
 /// header naming the canary's CLUSTER matches no route either.
 #[test]
 fn header_match_mode_ignores_a_forged_cluster_name() {
-    let ex = start_example("envoy/examples/sluice-header-match.yaml", 10010, 9921);
+    let ex = start_example("envoy/examples/sluice-header-match.yaml", 10010, 9921, true);
     let mut client = ex.envoy.client();
     for host in ["shop.local", "elsewhere.local"] {
         for forged in ["shop_v2", "v2", "V2", " v2"] {

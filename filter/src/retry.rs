@@ -7,6 +7,15 @@
 //! overwriting whatever the client sent, and learns at the end of the request
 //! how many attempts the router made (`upstream.request_attempt_count`).
 //!
+//! In route mode (`RetryMode::Route`) the route's `retry_policy` and timeout
+//! carry the policy and the block states them; Sluice then writes only what
+//! lowers them for one request (`for_each_route_header`): fewer retries than
+//! the route's, a shorter timeout. A header cannot narrow the route's
+//! conditions (Envoy ORs `x-envoy-retry-on` with them), so a request that
+//! may not be replayed gets no retry at all when the route's conditions
+//! could replay it after the application acted (`plan_for`). In both modes
+//! a client's copies of the owned headers are removed.
+//!
 //! # The budget
 //!
 //! Like Finagle's and Linkerd's retry budgets (and tower's `TpsBudget`), the
@@ -226,8 +235,9 @@ pub const RETRIABLE_HEADER_NAMES_HEADER: &str = "x-envoy-retriable-header-names"
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
 /// The request headers the filter writes (see `for_each_request_header`): the
-/// deadline cannot be read from any of them.
-pub(crate) const OWNED_HEADERS: [&str; 9] = [
+/// deadline cannot be read from any of them. A client's copy is removed on
+/// every request of a matched service, with a retry block or without.
+pub const OWNED_HEADERS: [&str; 9] = [
     MAX_RETRIES_HEADER,
     RETRY_ON_HEADER,
     RETRY_GRPC_ON_HEADER,
@@ -239,9 +249,24 @@ pub(crate) const OWNED_HEADERS: [&str; 9] = [
     RETRIABLE_HEADER_NAMES_HEADER,
 ];
 
+/// `retry.mode`: what carries the retry policy to Envoy's router.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RetryMode {
+    /// Sluice writes the retry and timeout headers on every request of the
+    /// service (`for_each_request_header`).
+    #[default]
+    Headers,
+    /// The route's `retry_policy` and `timeout` carry the policy, and the
+    /// block states them; Sluice writes only what lowers them for one
+    /// request (`for_each_route_header`).
+    Route,
+}
+
 /// A service's retry policy, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
+    pub mode: RetryMode,
+    /// In route mode: the route's `num_retries`.
     pub max_retries: u32,
     /// The HTTP conditions for `x-envoy-retry-on`, comma-separated; empty
     /// when only gRPC conditions are configured.
@@ -310,6 +335,7 @@ impl Default for Budget {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
+            mode: RetryMode::Headers,
             max_retries: DEFAULT_MAX_RETRIES,
             retry_on: DEFAULT_RETRY_ON.to_string(),
             retry_grpc_on: String::new(),
@@ -587,8 +613,13 @@ pub fn plan_for(policy: &RetryPolicy, deadline_ms: Option<u64>, kind: RequestKin
         (Some(timeout), Some(deadline)) => Some(timeout.min(deadline.saturating_add(grace))),
         (timeout, _) => timeout,
     };
-    let (http, grpc) = conditions(policy, kind);
-    let none_left = http.is_empty() && grpc.is_empty();
+    let none_left = match policy.mode {
+        RetryMode::Headers => {
+            let (http, grpc) = conditions(policy, kind);
+            http.is_empty() && grpc.is_empty()
+        }
+        RetryMode::Route => route_replays_unsafely(policy, kind),
+    };
     let mut max_retries = if none_left { 0 } else { policy.max_retries };
     let mut deadline_cut = false;
     if let (Some(deadline), Some(per_try)) = (deadline, policy.per_try_timeout_ms) {
@@ -605,7 +636,30 @@ pub fn plan_for(policy: &RetryPolicy, deadline_ms: Option<u64>, kind: RequestKin
         per_try_timeout_ms: policy.per_try_timeout_ms,
         deadline_cut,
         kind,
-        withheld: policy.max_retries > 0 && narrowed(policy, kind),
+        withheld: policy.max_retries > 0
+            && match policy.mode {
+                RetryMode::Headers => narrowed(policy, kind),
+                RetryMode::Route => none_left,
+            },
+    }
+}
+
+/// Route mode: whether the route's conditions (the block's `retry_on`, which
+/// states them) could replay this request after the application may have
+/// acted. Headers cannot narrow a route's conditions (Envoy ORs
+/// `x-envoy-retry-on` with them), so such a request gets no retry at all.
+/// A non-gRPC request that is not safe to replay keeps its retries only
+/// when every route condition fires before the request reached the
+/// application (gRPC conditions fire on a response, so they count against
+/// it); a gRPC call keeps the route's gRPC conditions, as in headers mode,
+/// and may not have an HTTP one that fires after a response.
+fn route_replays_unsafely(policy: &RetryPolicy, kind: RequestKind) -> bool {
+    match kind {
+        RequestKind::Replayable | RequestKind::GrpcReplayable => false,
+        RequestKind::Unsafe => {
+            conditions_after_response(&policy.retry_on) || !policy.retry_grpc_on.is_empty()
+        }
+        RequestKind::Grpc => conditions_after_response(&policy.retry_on),
     }
 }
 
@@ -641,6 +695,68 @@ pub fn for_each_request_header(
         None => write(PER_TRY_TIMEOUT_HEADER, None),
     }
     for name in [
+        HEDGE_HEADER,
+        EXPECTED_TIMEOUT_HEADER,
+        RETRIABLE_STATUS_CODES_HEADER,
+        RETRIABLE_HEADER_NAMES_HEADER,
+    ] {
+        write(name, None);
+    }
+}
+
+/// The owned request headers for the policy's mode: `for_each_request_header`
+/// or `for_each_route_header`. `write(name, None)` means "not ours to set":
+/// the caller removes it only if the client sent it.
+pub fn for_each_owned_header(
+    policy: &RetryPolicy,
+    plan: &Plan,
+    granted: u32,
+    write: impl FnMut(&'static str, Option<&[u8]>),
+) {
+    match policy.mode {
+        RetryMode::Headers => for_each_request_header(policy, plan, granted, write),
+        RetryMode::Route => for_each_route_header(policy, plan, granted, write),
+    }
+}
+
+/// Route mode: the route's `retry_policy` and `timeout` carry the policy,
+/// so a request needs a header only where Sluice LOWERS it, and every
+/// other owned header is `None` (the client's copy, if any, removed: no
+/// client raises its retries or timeout past the route's):
+/// - `x-envoy-max-retries: N` when fewer than `max_retries` are granted
+///   (the budget, a deadline, or a request the route's conditions must
+///   not replay, see `plan_for`); Envoy takes it over `num_retries`;
+/// - `x-envoy-upstream-rq-timeout-ms` when a client deadline lowered
+///   `timeout_ms` (the route's timeout; without it nothing is known to
+///   lower, as in headers mode);
+/// - never the conditions (a header can only widen the route's) nor the
+///   per-try timeout (a deadline cuts retries instead).
+pub fn for_each_route_header(
+    policy: &RetryPolicy,
+    plan: &Plan,
+    granted: u32,
+    mut write: impl FnMut(&'static str, Option<&[u8]>),
+) {
+    let mut digits = [0u8; 20];
+    let retries = granted.min(plan.max_retries);
+    if retries < policy.max_retries {
+        write(
+            MAX_RETRIES_HEADER,
+            Some(decimal(u64::from(retries), &mut digits)),
+        );
+    } else {
+        write(MAX_RETRIES_HEADER, None);
+    }
+    match (plan.timeout_ms, policy.timeout_ms) {
+        (Some(lowered), Some(route)) if lowered < route => {
+            write(TIMEOUT_HEADER, Some(decimal(lowered, &mut digits)));
+        }
+        _ => write(TIMEOUT_HEADER, None),
+    }
+    for name in [
+        RETRY_ON_HEADER,
+        RETRY_GRPC_ON_HEADER,
+        PER_TRY_TIMEOUT_HEADER,
         HEDGE_HEADER,
         EXPECTED_TIMEOUT_HEADER,
         RETRIABLE_STATUS_CODES_HEADER,

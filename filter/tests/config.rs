@@ -9,6 +9,7 @@
 
 use sluice::config::{Config, HostPattern, RuleAction, RuleMatch, Side, StickyKey, ValueTest};
 use sluice::device::DeviceClass;
+use sluice::retry::RetryMode;
 
 const EXAMPLE: &str = r#"{
   "steering_header": "x-sluice-cluster",
@@ -257,7 +258,7 @@ fn each_refusal_names_the_path_and_the_reason() {
         (&with_service(r#", "weight": 150"#), "services[0].weight: must be between 0 and 100, got 150"),
         (&with_service(r#", "weight": -1"#), "services[0].weight: must be between 0 and 100, got -1"),
         (&with_service(r#", "weight": "10""#), "services[0].weight: must be a number, got a string"),
-        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: name, match, stable, canary, weight, sticky, rules, retry, breaker, rollout, failures)"),
+        (&with_service(r#", "weigth": 10"#), "services[0].weigth: unknown key (expected one of: name, match, stable, canary, stable_by_default, weight, sticky, rules, retry, breaker, rollout, failures)"),
         (r#"{"services": [{"stable": "v1"}]}"#, "services[0].name: is required"),
         (r#"{"services": [{"name": "a"}]}"#, "services[0].stable: is required"),
         (r#"{"services": [{"name": "", "stable": "v1"}]}"#, "services[0].name: must not be empty"),
@@ -568,4 +569,46 @@ fn retry_idempotent_is_validated_like_every_other_key() {
         config.services[0].retry.clone().unwrap().idempotent,
         Default::default()
     );
+}
+
+#[test]
+fn retry_mode_and_stable_by_default_are_validated() {
+    let retry = |block: &str| with_service(&format!(r#", "retry": {block}"#));
+    #[rustfmt::skip]
+    let cases: Vec<(String, &str)> = vec![
+        (retry(r#"{"mode": "router"}"#), "services[0].retry.mode: must be \"headers\" or \"route\", got \"router\""),
+        (retry(r#"{"mode": "Route", "max_retries": 1, "retry_on": "5xx"}"#), "services[0].retry.mode: must be \"headers\" or \"route\", got \"Route\""),
+        (retry(r#"{"mode": 1}"#), "services[0].retry.mode: must be a string, got a number"),
+        (retry(r#"{"mode": null}"#), "services[0].retry.mode: must be a string, got null"),
+        // Route mode states the route's policy: no default may stand in.
+        (retry(r#"{"mode": "route", "retry_on": "5xx"}"#), "services[0].retry.max_retries: is required in route mode (it states the route's retry_policy)"),
+        (retry(r#"{"mode": "route", "max_retries": 2}"#), "services[0].retry.retry_on: is required in route mode (it states the route's retry_policy)"),
+        (retry(r#"{"mood": "route"}"#), "services[0].retry.mood: unknown key (expected one of: mode, max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header, idempotent)"),
+        (with_service(r#", "stable_by_default": "true""#), "services[0].stable_by_default: must be true or false, got a string"),
+        (with_service(r#", "stable_by_default": 1"#), "services[0].stable_by_default: must be true or false, got a number"),
+        (with_service(r#", "stable_by_default": null"#), "services[0].stable_by_default: must be true or false, got null"),
+    ];
+    for (json, expected) in &cases {
+        assert_eq!(&refused(json), expected, "{json}");
+    }
+    let parsed = |json: &str| Config::parse(json.as_bytes()).unwrap().services.remove(0);
+    let service = parsed(&with_service(""));
+    assert!(!service.stable_by_default);
+    let service = parsed(&with_service(
+        r#", "stable_by_default": true, "retry": {"mode": "route", "max_retries": 3, "retry_on": "5xx,reset", "timeout_ms": 2000}"#,
+    ));
+    assert!(service.stable_by_default);
+    let policy = service.retry.unwrap();
+    assert_eq!(policy.mode, RetryMode::Route);
+    assert_eq!(
+        (
+            policy.max_retries,
+            policy.retry_on.as_str(),
+            policy.timeout_ms
+        ),
+        (3, "5xx,reset", Some(2000))
+    );
+    let policy = parsed(&retry(r#"{"mode": "headers"}"#)).retry.unwrap();
+    assert_eq!(policy, parsed(&retry("{}")).retry.unwrap());
+    assert_eq!(policy.mode, RetryMode::Headers);
 }

@@ -202,7 +202,7 @@ proptest! {
 
 fn budget_knobs() -> impl Strategy<Value = Knobs> {
     (
-        prop_oneof![Just(0u8), Just(3u8)],
+        prop_oneof![Just(0u8), Just(3u8), Just(4u8), Just(15u8), Just(28u8)],
         any::<u16>(),
         1..=10u8,
         prop_oneof![Just(0u32), 0..=1_000_000u32],

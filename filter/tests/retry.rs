@@ -228,7 +228,7 @@ fn numbers_out_of_range_are_refused_with_path_and_reason() {
 fn unknown_keys_and_bad_deadline_headers_are_refused() {
     assert_eq!(
         refused(r#"{"max_retry": 3}"#),
-        "services[0].retry.max_retry: unknown key (expected one of: max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header, idempotent)"
+        "services[0].retry.max_retry: unknown key (expected one of: mode, max_retries, retry_on, timeout_ms, per_try_timeout_ms, budget, deadline_header, idempotent)"
     );
     assert_eq!(
         refused(r#"{"budget": {"ratio": 0.1, "ttl": 10}}"#),

@@ -24,8 +24,17 @@
 //!   has one) of the service a plain scan in config order matches
 //!   (`reference_service`); an unmatched request, and one the breaker
 //!   refused (a 503 local reply marked by the breaker header), carries none,
-//!   a client-forged one included; a service with a retry policy gets one
-//!   `x-envoy-max-retries`, the retries its reservation granted;
+//!   a client-forged one included; with `stable_by_default` a stable
+//!   request carries none; a service with a retry policy in headers mode
+//!   gets one `x-envoy-max-retries`, the retries its reservation granted,
+//!   and in route mode that header only when it grants fewer than the
+//!   route's `num_retries`; no client-sent retry or timeout header reaches
+//!   the router from a matched service (`check_route_mode` for what route
+//!   mode may write);
+//! - safe retries: a request that may not be replayed is never armed with
+//!   a condition that fires after a response (`check_safe_retry`), and in
+//!   route mode, whose route conditions no header can narrow, it gets
+//!   `x-envoy-max-retries: 0` when those include one;
 //! - the split is monotonic (more weight never moves a request from canary
 //!   to stable) and sticky (with a sticky key, the random word does not
 //!   matter), by `Router::decide` on the parsed config; a rolled-back
@@ -63,7 +72,7 @@
 use sluice::breaker::{self, BreakerConfig, BreakerState, Transition};
 use sluice::config::{Config, HostPattern, RuleAction, Service, Side, StickyKey};
 use sluice::engine::{HeadersAction, BREAKER_HEADER};
-use sluice::retry::{self, Budget, Reservation, TOKEN};
+use sluice::retry::{self, Budget, Reservation, RetryMode, TOKEN};
 use sluice::rollout::{self, RolloutConfig, RolloutState};
 use sluice::router::{cookie_value, Decision, RequestHeaders, Router};
 use sluice::sticky::{mix, Rng};
@@ -161,10 +170,23 @@ fn rate(ppm: u32) -> String {
     format!("{}.{:06}", ppm / 1_000_000, ppm % 1_000_000)
 }
 
+/// `Knobs::template`'s bits above the layout (`template % TEMPLATES`):
+/// `retry.mode: "route"`, `stable_by_default`, and (in route mode) route
+/// conditions that all fire before the request reached the application.
+const ROUTE_MODE: u8 = 4;
+const STABLE_BY_DEFAULT: u8 = 8;
+const PRE_REQUEST_ONLY: u8 = 16;
+
 impl Knobs {
     fn retry_json(&self) -> String {
+        let route = self.template & ROUTE_MODE != 0;
+        let (mode, retry_on) = match (route, self.template & PRE_REQUEST_ONLY != 0) {
+            (false, _) => ("headers", "5xx,reset, connect-failure,unavailable"),
+            (true, false) => ("route", "5xx,reset, connect-failure,unavailable"),
+            (true, true) => ("route", "connect-failure,refused-stream,unavailable"),
+        };
         let mut out = format!(
-            r#"{{"max_retries": {}, "retry_on": "5xx,reset, connect-failure,unavailable", "budget": {{"ratio": {}, "min_per_s": {}, "window_s": {}}}, "deadline_header": "X-Deadline""#,
+            r#"{{"mode": "{mode}", "max_retries": {}, "retry_on": "{retry_on}", "budget": {{"ratio": {}, "min_per_s": {}, "window_s": {}}}, "deadline_header": "X-Deadline""#,
             self.max_retries % 11,
             rate(self.ratio_ppm),
             self.min_per_s % 101,
@@ -242,7 +264,18 @@ impl Knobs {
     /// 2. routing: several services with overlapping hosts and paths;
     /// 3. one catch-all service with a tight budget and a breaker on both
     ///    clusters.
+    ///
+    /// The bits above the layout set the retry mode and
+    /// `stable_by_default` of every service (see `ROUTE_MODE`).
     pub fn json(&self) -> String {
+        let json = self.layout_json();
+        if self.template & STABLE_BY_DEFAULT == 0 {
+            return json;
+        }
+        json.replace(r#""stable": "#, r#""stable_by_default": true, "stable": "#)
+    }
+
+    fn layout_json(&self) -> String {
         let weight = percent(self.weight_bp);
         let rule_weight = percent(self.rule_weight_bp);
         let retry = self.retry_json();
@@ -942,6 +975,69 @@ fn check_safe_retry(
     })
 }
 
+/// Route mode: the route's `retry_policy` carries the conditions, and the
+/// block's `retry_on` states them. Headers can only widen them, so Sluice
+/// writes none: only `x-envoy-max-retries` and a lowered
+/// `x-envoy-upstream-rq-timeout-ms` may reach the router (a client's others
+/// are gone). A request that may not be replayed whose route conditions
+/// include any that fires after the application may have acted (an HTTP
+/// one past `PRE_REQUEST_CONDITIONS`; a gRPC one, unless the request is a
+/// gRPC call) must end with `x-envoy-max-retries: 0`.
+fn check_route_mode(
+    policy: &retry::RetryPolicy,
+    headers: &Headers,
+    stream: &StreamState,
+) -> Result<(), String> {
+    let left: Vec<&str> = retry::OWNED_HEADERS
+        .into_iter()
+        .filter(|name| {
+            *name != retry::MAX_RETRIES_HEADER
+                && *name != retry::TIMEOUT_HEADER
+                && !values(stream, name).is_empty()
+        })
+        .collect();
+    ensure(left.is_empty(), || {
+        format!("route mode, yet the router reads {left:?}")
+    })?;
+    let timeouts = values(stream, retry::TIMEOUT_HEADER);
+    if !timeouts.is_empty() {
+        let lowered = match (timeouts.as_slice(), policy.timeout_ms) {
+            ([value], Some(route)) => retry::parse_millis(value).is_some_and(|ms| ms < route),
+            _ => false,
+        };
+        ensure(lowered, || {
+            format!(
+                "route mode with timeout {:?}, yet the router reads {timeouts:?}",
+                policy.timeout_ms
+            )
+        })?;
+    }
+    let facts = retry::RequestFacts {
+        method: headers.get(":method"),
+        path: headers.get(":path"),
+        content_type: headers.get("content-type"),
+        idempotency_key: headers.get(retry::IDEMPOTENCY_KEY_HEADER),
+    };
+    if retry::safe_to_replay(policy, &facts).is_some() {
+        return Ok(());
+    }
+    let grpc_call = sluice::failures::is_grpc_content_type(facts.content_type);
+    let replays_after_response = retry::conditions_after_response(&policy.retry_on)
+        || (!grpc_call && !policy.retry_grpc_on.is_empty());
+    if replays_after_response && policy.max_retries > 0 {
+        let written = values(stream, retry::MAX_RETRIES_HEADER);
+        ensure(written == [b"0"], || {
+            format!(
+                "a request that may not be replayed ({facts:?}) goes to a route retrying on {:?} {:?} with {} {written:?}",
+                policy.retry_on,
+                policy.retry_grpc_on,
+                retry::MAX_RETRIES_HEADER
+            )
+        })?;
+    }
+    Ok(())
+}
+
 impl Sim {
     /// Parses every variant (a template that does not parse is a failure:
     /// its numbers are within the documented ranges) and applies the first
@@ -1375,9 +1471,14 @@ impl Sim {
             return self.check_streams(worker);
         }
 
-        // Only configured clusters are chosen: the matched service's.
+        // Only configured clusters are chosen: the matched service's. With
+        // `stable_by_default` the route table's default is stable: a stable
+        // request carries no steering header at all (a client's removed).
         let side = match steering.as_slice() {
-            [cluster] if *cluster == service.stable.as_bytes() => Side::Stable,
+            [] if service.stable_by_default => Side::Stable,
+            [cluster] if *cluster == service.stable.as_bytes() && !service.stable_by_default => {
+                Side::Stable
+            }
             [cluster] if service.canary.as_deref().map(str::as_bytes) == Some(*cluster) => {
                 Side::Canary
             }
@@ -1434,20 +1535,44 @@ impl Sim {
                     charge = Some(deposit);
                 }
                 let written = values(&stream, retry::MAX_RETRIES_HEADER);
-                ensure(written == [granted.to_string().as_bytes()], || {
+                let granted_text = granted.to_string();
+                // Route mode writes the number only when it lowers the
+                // route's `num_retries`; headers mode always.
+                let expected: Vec<&[u8]> = match policy.mode {
+                    RetryMode::Route if granted >= policy.max_retries => Vec::new(),
+                    _ => vec![granted_text.as_bytes()],
+                };
+                ensure(written == expected, || {
                     format!(
-                        "{} granted, the router reads {} {written:?}",
+                        "{} granted ({:?} mode, max {}), the router reads {} {written:?}",
                         granted,
+                        policy.mode,
+                        policy.max_retries,
                         retry::MAX_RETRIES_HEADER
                     )
                 })?;
-                check_safe_retry(policy, &headers, &stream)?;
+                match policy.mode {
+                    RetryMode::Headers => check_safe_retry(policy, &headers, &stream)?,
+                    RetryMode::Route => check_route_mode(policy, &headers, &stream)?,
+                }
                 charge
             }
             None => {
                 ensure(reserved.is_empty(), || {
                     format!(
                         "service {} has no retry policy, yet reserved {reserved:?}",
+                        service.name
+                    )
+                })?;
+                // No client raises its retries or timeout: the route's
+                // policy stands untouched.
+                let left: Vec<&str> = retry::OWNED_HEADERS
+                    .into_iter()
+                    .filter(|name| !values(&stream, name).is_empty())
+                    .collect();
+                ensure(left.is_empty(), || {
+                    format!(
+                        "service {} has no retry policy, yet the router reads {left:?}",
                         service.name
                     )
                 })?;

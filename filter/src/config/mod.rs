@@ -61,6 +61,9 @@ pub struct Service {
     pub matcher: ServiceMatch,
     pub stable: String,
     pub canary: Option<String>,
+    /// The route table sends a request without the steering header to
+    /// stable (a default route): a request kept on stable needs no write.
+    pub stable_by_default: bool,
     /// Canary share in basis points (0..=10_000).
     pub weight_bp: u16,
     pub sticky: Option<StickyKey>,

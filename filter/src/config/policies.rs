@@ -10,11 +10,11 @@ use crate::breaker::{BreakerConfig, SlowCalls, DEFAULT_MAX_OPEN_MS, MAX_DURATION
 use crate::decimal::PPM;
 use crate::failures::{grpc_code_by_name, Failures};
 use crate::retry::{
-    Budget, Idempotent, RetryPolicy, DEFAULT_MAX_RETRIES, DEFAULT_MIN_PER_S, DEFAULT_RATIO_PPM,
-    DEFAULT_RETRY_ON, DEFAULT_WINDOW_S, GRPC_POLICIES, GRPC_TIMEOUT_HEADER, HTTP_POLICIES,
-    MAX_IDEMPOTENT_METHODS, MAX_IDEMPOTENT_PATH_PREFIXES, MAX_MAX_RETRIES, MAX_METHOD_LEN,
-    MAX_MIN_PER_S, MAX_PATH_PREFIX_LEN, MAX_PER_TRY_TIMEOUT_MS, MAX_TIMEOUT_MS, MAX_WINDOW_S,
-    OWNED_HEADERS,
+    Budget, Idempotent, RetryMode, RetryPolicy, DEFAULT_MAX_RETRIES, DEFAULT_MIN_PER_S,
+    DEFAULT_RATIO_PPM, DEFAULT_RETRY_ON, DEFAULT_WINDOW_S, GRPC_POLICIES, GRPC_TIMEOUT_HEADER,
+    HTTP_POLICIES, MAX_IDEMPOTENT_METHODS, MAX_IDEMPOTENT_PATH_PREFIXES, MAX_MAX_RETRIES,
+    MAX_METHOD_LEN, MAX_MIN_PER_S, MAX_PATH_PREFIX_LEN, MAX_PER_TRY_TIMEOUT_MS, MAX_TIMEOUT_MS,
+    MAX_WINDOW_S, OWNED_HEADERS,
 };
 use crate::rollout::{RolloutConfig, DEFAULT_MIN_REQUESTS, MAX_START_S, MAX_STEPS, MAX_STEP_S};
 
@@ -47,8 +47,37 @@ fn ppm_u32(ppm: u64) -> u32 {
 
 // ------------------------------------------------------------------ retry
 
-/// A service's `retry` block; every key optional.
+/// A service's `retry` block; every key optional, except that route mode
+/// needs `max_retries` and `retry_on` stated: they describe the route's
+/// `retry_policy`, and a default could only misstate it (a wrong
+/// `retry_on` would let a POST be replayed after the application acted).
 pub(super) fn retry(raw: raw::Retry, path: &str) -> Result<RetryPolicy> {
+    let mode = match raw.mode.0 {
+        Some(Text(mode)) => match mode.as_str() {
+            "headers" => RetryMode::Headers,
+            "route" => RetryMode::Route,
+            _ => {
+                return error(
+                    &join(path, "mode"),
+                    format!("must be \"headers\" or \"route\", got {}", quote(&mode)),
+                )
+            }
+        },
+        None => RetryMode::Headers,
+    };
+    if mode == RetryMode::Route {
+        for (key, missing) in [
+            ("max_retries", raw.max_retries.0.is_none()),
+            ("retry_on", raw.retry_on.0.is_none()),
+        ] {
+            if missing {
+                return error(
+                    &join(path, key),
+                    "is required in route mode (it states the route's retry_policy)",
+                );
+            }
+        }
+    }
     let max_retries = match raw.max_retries.0 {
         Some(number) => whole_u32(number, &join(path, "max_retries"), 0, MAX_MAX_RETRIES)?,
         None => DEFAULT_MAX_RETRIES,
@@ -96,6 +125,7 @@ pub(super) fn retry(raw: raw::Retry, path: &str) -> Result<RetryPolicy> {
         None => Idempotent::default(),
     };
     let mut policy = RetryPolicy {
+        mode,
         max_retries,
         per_try_timeout_ms,
         timeout_ms,

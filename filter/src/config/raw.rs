@@ -31,6 +31,7 @@ pub(super) struct Service {
     pub matcher: Opt<Obj<Match>>,
     pub stable: Opt<Text>,
     pub canary: Opt<Text>,
+    pub stable_by_default: Opt<Flag>,
     pub weight: Opt<Number>,
     pub sticky: Opt<Obj<Sticky>>,
     pub rules: Opt<List<Obj<Rule>>>,
@@ -80,6 +81,7 @@ pub(super) struct Rule {
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct Retry {
+    pub mode: Opt<Text>,
     pub max_retries: Opt<Whole>,
     pub retry_on: Opt<Text>,
     pub timeout_ms: Opt<Whole>,

@@ -390,6 +390,7 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         }
         None => None,
     };
+    let stable_by_default = raw.stable_by_default.0.is_some_and(|Flag(flag)| flag);
     let has_weight = raw.weight.0.is_some();
     let weight_path = join(path, "weight");
     let weight_bp = match raw.weight.0 {
@@ -452,6 +453,7 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         matcher,
         stable,
         canary,
+        stable_by_default,
         weight_bp,
         sticky,
         rules,

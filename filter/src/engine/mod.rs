@@ -11,9 +11,11 @@
 //! Per request it asks the host for:
 //! - every request header, once (`HeaderPairs` reads the buffer in place),
 //!   and the clock once when the service has any shared state;
-//! - one replace per header it changes (Envoy re-selects the route once),
-//!   then one `clear_route_cache` when it changed any (`Worker::
-//!   request_headers`; never again in a VM whose host lacks it);
+//! - one replace per header it changes, one remove per owned header the
+//!   client sent, nothing for a header that needs no change (a
+//!   `stable_by_default` service's stable request, route-mode retries);
+//!   then one `clear_route_cache` when the steering header changed
+//!   (`Worker::request_headers`; never again in a VM whose host lacks it);
 //! - one write to the retry budget (a reservation, carrying the settlements
 //!   of the worker's finished requests: `retry::reserve_settling`);
 //! - no breaker read while the worker's cached verdict is fresh
@@ -235,11 +237,11 @@ impl Worker {
         };
         let buffer = host.request_header_pairs();
         let pairs = HeaderPairs::new(&buffer);
-        let (exchange, rejected) = route(host, &active, &pairs);
+        let (exchange, rejected, steered) = route(host, &active, &pairs);
         // A client must never steer: the header names any cluster of the
-        // proxy. A steered request had it overwritten (and the retry
-        // headers, if any, written); any other loses it.
-        let steered = exchange.as_ref().is_some_and(|exchange| !exchange.rejected);
+        // proxy. A steered request had it overwritten; any other loses it
+        // (a `stable_by_default` service's stable request included: the
+        // route table's default takes it to stable).
         let steering_header = active.router.config().steering_header.as_str();
         let forged = !steered && pairs.contains(steering_header);
         if forged {
@@ -254,6 +256,8 @@ impl Worker {
                 HeadersAction::Stop
             }
             None => {
+                // Only the steering header selects a route: retry headers
+                // changed alone need no new selection.
                 if steered || forged {
                     self.clear_route_cache(host);
                 }
@@ -267,8 +271,9 @@ impl Worker {
     /// the steering header (a header-match route, or `cluster_header`) sees
     /// what Sluice wrote, not what the client sent.
     ///
-    /// Cost and why it is paid: one crossing per request whose headers
-    /// changed (none for a request Sluice leaves alone or refuses), with no
+    /// Cost and why it is paid: one crossing per request whose steering
+    /// header changed (none for a request Sluice leaves alone, keeps on
+    /// stable with `stable_by_default`, or refuses), with no
     /// argument and no result, hence no `malloc` callback. Envoy looks the
     /// name up in its table of foreign functions and drops the cached
     /// route. Measured in Envoy 1.40 with the host-call probe (20 calls per
@@ -376,8 +381,8 @@ impl Worker {
 }
 
 /// Routes a request: service, side, breakers, retries. Returns the exchange
-/// to keep, and the service name and retry-after when the stable breaker
-/// refuses it.
+/// to keep, the service name and retry-after when the stable breaker
+/// refuses it, and whether it wrote the steering header.
 ///
 /// Every header it changes is one host call (a replace: 0.46 µs in Envoy,
 /// `benches/hostcalls.sh`; writing the whole map back in one
@@ -388,16 +393,16 @@ fn route(
     host: &impl Host,
     active: &Rc<Active>,
     pairs: &HeaderPairs<'_>,
-) -> (Option<Exchange>, Option<(String, u64)>) {
+) -> (Option<Exchange>, Option<(String, u64)>, bool) {
     let Some(index) = active
         .router
         .find_service(pairs.get(":authority"), pairs.get(":path"))
     else {
         active.unmatched.increment();
-        return (None, None);
+        return (None, None, false);
     };
     let Some((service, runtime)) = active.service(index) else {
-        return (None, None);
+        return (None, None, false);
     };
     let stateful =
         service.retry.is_some() || service.breaker.is_some() || service.rollout.is_some();
@@ -432,7 +437,7 @@ fn route(
         &mut headers,
         active.random(),
     ) else {
-        return (None, None);
+        return (None, None, false);
     };
     if let Some(counter) = rule.and_then(|rule| runtime.rule_matched.get(rule)) {
         counter.increment();
@@ -477,7 +482,11 @@ fn route(
             Admission::Probe(token) => exchange.probe = Some(token),
             Admission::Rejected { retry_after_ms } => {
                 exchange.rejected = true;
-                return (Some(exchange), Some((service.name.clone(), retry_after_ms)));
+                return (
+                    Some(exchange),
+                    Some((service.name.clone(), retry_after_ms)),
+                    false,
+                );
             }
         }
     }
@@ -490,16 +499,30 @@ fn route(
             pairs,
             now,
         ));
+    } else {
+        // No retry block: the route's policy stands, and no client may
+        // raise its retries or timeout. Found in the buffer already read,
+        // so a request without any costs nothing.
+        for name in retry::OWNED_HEADERS {
+            if pairs.contains(name) {
+                host.remove_request_header(name);
+            }
+        }
     }
-    host.set_request_header(
-        &active.router.config().steering_header,
-        service.cluster(side).as_bytes(),
-    );
+    // With `stable_by_default` the route table's default is stable: a
+    // request kept there needs no header (the caller removes a client's).
+    let steered = side == Side::Canary || !service.stable_by_default;
+    if steered {
+        host.set_request_header(
+            &active.router.config().steering_header,
+            service.cluster(side).as_bytes(),
+        );
+    }
     match side {
         Side::Stable => runtime.routed_stable.increment(),
         Side::Canary => runtime.routed_canary.increment(),
     }
-    (Some(exchange), None)
+    (Some(exchange), None, steered)
 }
 
 /// Whether a request's outcome is booked anywhere: with its side's breaker,
@@ -629,8 +652,8 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
 
 /// Plans the request's retries and timeouts, reserves the retries from the
 /// shared budget (settling the worker's finished requests in the same
-/// write), and writes every header the router reads for them, overwriting
-/// whatever the client sent.
+/// write), and writes the headers the router reads for them as the mode
+/// says (`retry::for_each_owned_header`), removing the client's others.
 fn govern_retries(
     host: &impl Host,
     service: &str,
@@ -702,7 +725,7 @@ fn govern_retries(
             reservation.level
         );
     }
-    retry::for_each_request_header(policy, &plan, reservation.granted, |name, value| {
+    retry::for_each_owned_header(policy, &plan, reservation.granted, |name, value| {
         match value {
             Some(value) => host.set_request_header(name, value),
             // Only what the client sent needs removing.
