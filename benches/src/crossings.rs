@@ -517,8 +517,8 @@ pub fn report() -> String {
     );
     md.push_str(
         "\nThe same workload counted in wasmtime on `sluice.wasm` (`wasmtime-crossings.md`, \
-         host calls module → host) gives the same split: 10.02, 2.00, 1.00 and 0.072 for the \
-         ticks, 13.09 in all.\n\n\
+         host calls module → host) gives the same split: 8.02, 2.00, 1.00 and 0.072 for the \
+         ticks, 11.09 in all.\n\n\
          Reading the rows: the common path is one pairs read, one clock read, no budget \
          call (the retries come from the worker's lease on the budget; its renewal, about \
          once a second, and the deposits and held settlements written on the tick are in \
