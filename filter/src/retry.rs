@@ -61,7 +61,18 @@
 //! - a lost CAS race grants nothing and a lost settle refunds nothing: both
 //!   only lower the retries. A fresh state (first use, unreadable bytes, a
 //!   changed budget block, a clock stepped back by more than a window) starts
-//!   at the reserve, forgetting charges still in the window: one extra reserve.
+//!   at the reserve, forgetting charges still in the window: one extra reserve
+//!   (and a lease of the old state still hands out what it was charged
+//!   there, at most `LEASE_MAX` tokens per worker, until it expires);
+//! - deposits are batched (see "Leases"): a worker deposits its requests
+//!   with its next write, at most `δ` later, where `δ` is the time between
+//!   its writes (its tick, `engine::TICK_MS`, when nothing else writes; more
+//!   only while every CAS attempt is lost). The induction above is on the
+//!   state's own accounting, which is unchanged, so it holds with requests
+//!   counted by the second they were DEPOSITED in; by the second they were
+//!   served, `requests(a−W+1 ..= b)` becomes `requests(a−W+1−δ ..= b)`: a
+//!   window longer by `δ` at its old end. A deposit never lands before its
+//!   request, so nothing is credited ahead of the traffic.
 //!
 //! ## Healthy traffic under high concurrency
 //!
@@ -89,6 +100,59 @@
 //! slower services need a longer window or a higher ratio. Settling as soon as
 //! the response headers arrive (not at the end of the stream) keeps
 //! reservations short; see `settle`.
+//!
+//! ## Leases: no shared-data call on the common request
+//!
+//! A write to the shared state is three crossings (a read, the `malloc`
+//! callback that copies it in, a CAS write), a third of a request's. So a
+//! worker takes a LEASE: `L` tokens charged in one write to the head slot
+//! of the state, as ONE open reservation, which it hands out to its
+//! requests with no host call. A request wanting `w ≤ free` retries gets
+//! them; its `Reservation` names the lease (`lease`, the lease's serial)
+//! and its slot. At its response headers it gives its unused retries back
+//! to the lease's free count, in the VM; the ones the router used stay
+//! charged. Its deposit waits for the worker's next write too.
+//!
+//! The bound is untouched: to the state a lease is a reservation of `L`
+//! retries made while the balance allowed it, and the lease's requests
+//! together never hold more than `L` (a grant takes from `free`, a
+//! settlement gives back only what its request was granted and did not
+//! use). Only the deposits move, as written under "The bound, exactly".
+//!
+//! Renewal: when the lease cannot cover a request, or it has expired, one
+//! write settles the held settlements, deposits the requests served,
+//! gives the old lease back (its free tokens refunded to its slot, its open
+//! count closed) and takes a new one (`renew`). Tokens of the old lease's
+//! requests still in flight stay charged; each is refunded by its own
+//! settlement, held and written as a reservation's, except that it closes
+//! no open count (the lease's is closed once, when it is given back). A
+//! tick gives back an expired lease (`write_pending`).
+//!
+//! Lifetime: a lease hands out tokens at `taken ≤ now < expires`, with
+//! `expires = min(taken + LEASE_MS, (s + W) × 1000)`, `s` its slot: its slot
+//! is in the window whenever one of its tokens is handed out (with
+//! `window_s: 1`, a lease ends with its second). A clock that steps back
+//! before `taken` makes the lease invalid rather than longer, and the next
+//! request renews it. A VM that dies holding a lease leaks its charge,
+//! which leaves with its slot like any leaked reservation.
+//!
+//! Size: `L = min(LEASE_MAX, (tokens − cushion) / LEASE_SHARE)`, an eighth
+//! of what the others could use, so each worker holding one leaves the
+//! others at least 7/8 of the balance. When that does not cover the
+//! request (fewer than `8 × w` spare tokens), no lease is taken and the
+//! request reserves alone, with the cushion's rationing: under scarcity
+//! the budget behaves exactly as without leases. When tokens are plentiful
+//! (the default reserve alone is 100 tokens, a lease of 12), a lease
+//! covers a worker's concurrency: unused retries come back to it at each
+//! response, so it is renewed about once per `LEASE_MS`. The cushion counts
+//! a lease as one open reservation; its requests in flight are paid for
+//! by it.
+//!
+//! Retries beyond the grant: with a route's own retry policy (`retry.mode:
+//! "route"`) the router may retry more than Sluice granted. A settlement
+//! whose attempts say so CHARGES the extra retries to the slot (for a
+//! lease's request too, through the next write): the budget counts the
+//! retries the router really made (`Settlement::balance`).
 //!
 //! # Deadlines
 //!
@@ -995,8 +1059,12 @@ pub struct Reservation {
     /// The budget had fewer tokens than wanted: it ran dry (log a warning,
     /// rate-limited with `dry_warning_due`).
     pub dry: bool,
-    /// Whole tokens left after this reservation (the gauge).
+    /// Whole tokens left after this reservation (the gauge); for a grant
+    /// from a lease, the lease's free tokens.
     pub level: u64,
+    /// The serial of the lease it was granted from; 0 for a reservation of
+    /// its own (see `Lease`).
+    pub lease: u64,
 }
 
 impl Reservation {
@@ -1010,16 +1078,31 @@ impl Reservation {
             denied: wanted,
             dry: false,
             level: 0,
+            lease: 0,
         }
     }
 }
 
 impl BudgetState {
-    fn reserve(&mut self, budget: &Budget, wanted: u32) -> Reservation {
+    /// Deposits `requests` requests into the head slot (the current
+    /// second): the requests a worker served since its last write.
+    fn deposit(&mut self, requests: u32) {
         let second = self.head;
         if let Some(slot) = self.slot_mut(second) {
-            slot.requests = slot.requests.saturating_add(1);
+            slot.requests = slot.requests.saturating_add(requests);
         }
+    }
+
+    /// Deposits this request and reserves up to `wanted` retries for it.
+    fn reserve(&mut self, budget: &Budget, wanted: u32) -> Reservation {
+        self.deposit(1);
+        self.grant(budget, wanted)
+    }
+
+    /// Reserves up to `wanted` retries for a request already deposited,
+    /// with the cushion's rationing (see the module documentation).
+    fn grant(&mut self, budget: &Budget, wanted: u32) -> Reservation {
+        let second = self.head;
         let available = self.tokens(budget);
         // The first retry takes any whole token; deeper ones only what lies
         // above the cushion kept for the first retries of requests to come.
@@ -1030,17 +1113,8 @@ impl BudgetState {
         } else {
             u32::try_from(u64::from(wanted).min(deep.max(1))).unwrap_or(0)
         };
-        if granted > 0 {
-            match self.slot_mut(second) {
-                Some(slot) => match slot.retries.checked_add(granted) {
-                    Some(retries) => {
-                        slot.retries = retries;
-                        slot.open = slot.open.saturating_add(1);
-                    }
-                    None => granted = 0,
-                },
-                None => granted = 0,
-            }
+        if granted > 0 && !self.charge(second, granted) {
+            granted = 0;
         }
         Reservation {
             epoch: self.epoch,
@@ -1049,12 +1123,96 @@ impl BudgetState {
             denied: wanted - granted,
             dry: available < u64::from(wanted),
             level: self.tokens(budget),
+            lease: 0,
         }
+    }
+
+    /// Charges `tokens` to the slot of `second` as one open reservation;
+    /// false (nothing charged) when the slot is gone or would overflow.
+    fn charge(&mut self, second: u64, tokens: u32) -> bool {
+        match self.slot_mut(second) {
+            Some(slot) => match slot.retries.checked_add(tokens) {
+                Some(retries) => {
+                    slot.retries = retries;
+                    slot.open = slot.open.saturating_add(1);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        }
+    }
+
+    /// The size of a lease taken now: an eighth of the tokens above the
+    /// cushion, at most `LEASE_MAX` (see "Leases" in the module docs).
+    fn lease_size(&self, budget: &Budget) -> u32 {
+        let cushion = self.open() / CUSHION_DIVISOR;
+        let spare = self.tokens(budget).saturating_sub(cushion);
+        u32::try_from((spare / LEASE_SHARE).min(LEASE_MAX)).unwrap_or(0)
+    }
+
+    /// Takes a lease of `lease_size` tokens in the head slot, if that covers
+    /// `wanted`; `None` (nothing charged) otherwise.
+    fn take_lease(
+        &mut self,
+        budget: &Budget,
+        wanted: u32,
+        now_ms: u64,
+        serial: u64,
+    ) -> Option<Lease> {
+        let tokens = self.lease_size(budget);
+        if wanted == 0 || tokens < wanted {
+            return None;
+        }
+        let second = self.head;
+        if !self.charge(second, tokens) {
+            return None;
+        }
+        // The slot leaves the window at (second + W) s: no token of the
+        // lease may be handed out from then on. The head is never behind
+        // the clock's second after `advance`, so this is after `now_ms`.
+        let slot_ends_ms = second.saturating_add(self.window()).saturating_mul(1000);
+        Some(Lease {
+            serial,
+            epoch: self.epoch,
+            second,
+            tokens,
+            free: tokens,
+            taken_ms: now_ms,
+            expires_ms: now_ms.saturating_add(LEASE_MS).min(slot_ends_ms),
+        })
+    }
+
+    /// Gives a lease's free tokens back to its slot and closes its open
+    /// reservation, if the slot (of the same state) is still in the window.
+    /// Tokens of its requests still in flight stay charged: their own
+    /// settlements refund them.
+    fn give_back(&mut self, lease: &Lease) {
+        if lease.epoch != self.epoch {
+            return;
+        }
+        if let Some(slot) = self.slot_mut(lease.second) {
+            slot.retries = slot.retries.saturating_sub(lease.free);
+            slot.open = slot.open.saturating_sub(1);
+        }
+    }
+
+    /// Everything a worker held back: settlements, the lease it gives back,
+    /// its requests' deposits.
+    fn apply(&mut self, pending: &Pending<'_>) {
+        for settlement in pending.settlements {
+            self.settle(settlement);
+        }
+        if let Some(lease) = &pending.returned {
+            self.give_back(lease);
+        }
+        self.deposit(pending.deposits);
     }
 }
 
 /// A finished request's reservation and the attempts the router made, kept
-/// by the worker until its next write to the budget (see `reserve`).
+/// by the worker until its next write to the budget (or, for a request of
+/// the worker's current lease, given back to it: `Lease::settle`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settlement {
     pub reservation: Reservation,
@@ -1064,22 +1222,46 @@ pub struct Settlement {
     pub attempts_made: Option<u64>,
 }
 
+impl Settlement {
+    /// Retries to give back (`Ok`) or, when the router made more retries
+    /// than were granted (a route's own retry policy, `retry.mode:
+    /// "route"`), to charge on top (`Err`). Unknown attempts refund nothing.
+    pub fn balance(&self) -> Result<u32, u32> {
+        let granted = self.reservation.granted;
+        match self.attempts_made {
+            None => Ok(0),
+            Some(attempts) => {
+                let used = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                if used <= granted {
+                    Ok(granted - used)
+                } else {
+                    Err(used - granted)
+                }
+            }
+        }
+    }
+}
+
 impl BudgetState {
     /// Gives back the retries a request did not use to the slot they were
-    /// taken from, if that slot (of the same state) is still in the window.
+    /// taken from, if that slot (of the same state) is still in the window;
+    /// charges the retries the router made beyond its grant. A request's
+    /// own reservation closes its open count; one from a lease does not
+    /// (the lease's is closed once, when the lease is given back).
     fn settle(&mut self, settlement: &Settlement) {
         let reservation = &settlement.reservation;
-        if reservation.granted == 0 || reservation.epoch != self.epoch {
+        let balance = settlement.balance();
+        if reservation.epoch != self.epoch || balance == Ok(0) && reservation.granted == 0 {
             return;
         }
         if let Some(slot) = self.slot_mut(reservation.second) {
-            let granted = u64::from(reservation.granted);
-            let unused = settlement.attempts_made.map_or(0, |attempts| {
-                granted - attempts.saturating_sub(1).min(granted)
-            });
-            // unused ≤ granted, a u32.
-            slot.retries = slot.retries.saturating_sub(unused as u32);
-            slot.open = slot.open.saturating_sub(1);
+            match balance {
+                Ok(unused) => slot.retries = slot.retries.saturating_sub(unused),
+                Err(extra) => slot.retries = slot.retries.saturating_add(extra),
+            }
+            if reservation.lease == 0 && reservation.granted > 0 {
+                slot.open = slot.open.saturating_sub(1);
+            }
         }
     }
 }
@@ -1132,6 +1314,160 @@ pub fn settle_all(
         state.settle(settlement);
     }
     state.encode()
+}
+
+// ------------------------------------------------------------------ leases
+
+/// A lease holds at most this many tokens: 128 requests in flight at two
+/// retries each, the concurrency of a worker at 1,000 requests a second
+/// and 128 ms to response headers, without a write.
+pub const LEASE_MAX: u64 = 256;
+/// A lease takes at most this share (one in `LEASE_SHARE`) of the tokens
+/// above the cushion: each worker taking one leaves the others at least
+/// (7/8)^workers of the balance, and a lease is only taken while an eighth
+/// covers the request, so under scarcity nobody holds one.
+pub const LEASE_SHARE: u64 = 8;
+/// A lease hands out tokens for at most this long after it was taken.
+pub const LEASE_MS: u64 = 1_000;
+
+/// Tokens a worker took from the budget in one write and hands out to its
+/// requests with no host call (see "Leases" in the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Names the lease within its VM (never 0): the reservations it grants
+    /// carry it.
+    pub serial: u64,
+    /// The state and the slot it is charged to.
+    pub epoch: u64,
+    pub second: u64,
+    /// Tokens taken.
+    pub tokens: u32,
+    /// Tokens not handed out (or handed back by settled requests).
+    pub free: u32,
+    /// It hands out tokens at `taken_ms <= now < expires_ms` only: a clock
+    /// that steps back does not extend it.
+    pub taken_ms: u64,
+    pub expires_ms: u64,
+}
+
+impl Lease {
+    pub fn valid_at(&self, now_ms: u64) -> bool {
+        self.taken_ms <= now_ms && now_ms < self.expires_ms
+    }
+
+    /// Hands `wanted` retries (at least one) to a request, if the lease is
+    /// valid now and has them free; the request's reservation.
+    pub fn grant(&mut self, now_ms: u64, wanted: u32) -> Option<Reservation> {
+        if wanted == 0 || !self.valid_at(now_ms) || self.free < wanted {
+            return None;
+        }
+        self.free -= wanted;
+        Some(Reservation {
+            epoch: self.epoch,
+            second: self.second,
+            granted: wanted,
+            denied: 0,
+            dry: false,
+            level: u64::from(self.free),
+            lease: self.serial,
+        })
+    }
+
+    /// Takes back the retries a finished request of this lease did not
+    /// use. Returns the settlement still to write (retries the router made
+    /// beyond the grant, to charge), if any.
+    pub fn settle(&mut self, settlement: &Settlement) -> Option<Settlement> {
+        match settlement.balance() {
+            Ok(unused) => {
+                self.free = self.free.saturating_add(unused).min(self.tokens);
+                None
+            }
+            Err(_) => Some(*settlement),
+        }
+    }
+}
+
+/// What a worker held back from the budget, written with its next write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pending<'a> {
+    /// Finished requests not settled with a lease.
+    pub settlements: &'a [Settlement],
+    /// The lease it gives back.
+    pub returned: Option<Lease>,
+    /// Requests it served since its last write.
+    pub deposits: u32,
+}
+
+/// Where a write's deposits landed, for observers (the fuzz oracle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub epoch: u64,
+    pub second: u64,
+    pub deposits: u32,
+}
+
+/// What a request got from a write: a new lease (with the request's
+/// retries taken from it), or a reservation of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    pub lease: Option<Lease>,
+    pub reservation: Reservation,
+    pub landed: Landed,
+}
+
+/// Writes what the worker held (`pending`, whose deposits include this
+/// request) and takes a lease named `serial` that covers `wanted`, handing
+/// the request its retries from it; when an eighth of the spare tokens
+/// does not cover `wanted`, reserves for the request alone, exactly as
+/// `reserve_settling`. Pure: give it to `shared::update`.
+pub fn renew(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    wanted: u32,
+    pending: &Pending<'_>,
+    serial: u64,
+) -> (Vec<u8>, Renewal) {
+    let budget = &policy.budget;
+    let mut state = BudgetState::decode(bytes, budget, now_ms);
+    state.apply(pending);
+    let landed = Landed {
+        epoch: state.epoch,
+        second: state.head,
+        deposits: pending.deposits,
+    };
+    let mut lease = state.take_lease(budget, wanted, now_ms, serial);
+    let reservation = match lease.as_mut().and_then(|lease| lease.grant(now_ms, wanted)) {
+        Some(reservation) => reservation,
+        None => state.grant(budget, wanted),
+    };
+    (
+        state.encode(),
+        Renewal {
+            lease,
+            reservation,
+            landed,
+        },
+    )
+}
+
+/// Writes what the worker held, with no request to serve (a tick, a
+/// worker that holds too much, a config going away). Pure: give it to
+/// `shared::update`.
+pub fn write_pending(
+    bytes: Option<&[u8]>,
+    policy: &RetryPolicy,
+    now_ms: u64,
+    pending: &Pending<'_>,
+) -> (Vec<u8>, Landed) {
+    let mut state = BudgetState::decode(bytes, &policy.budget, now_ms);
+    state.apply(pending);
+    let landed = Landed {
+        epoch: state.epoch,
+        second: state.head,
+        deposits: pending.deposits,
+    };
+    (state.encode(), landed)
 }
 
 /// Whole tokens available now (the gauge).
@@ -1219,5 +1555,149 @@ mod tests {
         assert_eq!(state.slots.iter().map(|slot| slot.requests).sum::<u32>(), 7);
         state.advance(T0 / 1000 + 1_000_000);
         assert_eq!(state.slots.iter().map(|slot| slot.requests).sum::<u32>(), 0);
+    }
+
+    fn lease_from(bytes: Option<&[u8]>, policy: &RetryPolicy, now: u64) -> (Vec<u8>, Renewal) {
+        let pending = Pending {
+            deposits: 1,
+            ..Pending::default()
+        };
+        renew(bytes, policy, now, 2, &pending, 7)
+    }
+
+    #[test]
+    fn a_lease_is_an_eighth_of_the_spare_tokens_charged_as_one_reservation() {
+        let policy = RetryPolicy::default();
+        let (bytes, renewal) = lease_from(None, &policy, T0 + 300);
+        let lease = renewal.lease.unwrap_or_else(|| panic!("no lease"));
+        assert_eq!((lease.tokens, lease.free, lease.serial), (12, 10, 7));
+        assert_eq!((lease.taken_ms, lease.expires_ms), (T0 + 300, T0 + 1300));
+        assert_eq!(renewal.reservation.lease, 7);
+        assert_eq!(renewal.reservation.granted, 2);
+        let state = BudgetState::decode(Some(&bytes), &policy.budget, T0 + 300);
+        assert_eq!(state.open(), 1);
+        assert_eq!(state.tokens(&policy.budget), 88);
+        // Capped at LEASE_MAX however rich the budget.
+        let rich = RetryPolicy {
+            budget: Budget {
+                min_per_s: 100_000,
+                ..Budget::default()
+            },
+            ..RetryPolicy::default()
+        };
+        let (_, renewal) = lease_from(None, &rich, T0);
+        assert_eq!(renewal.lease.map(|lease| lease.tokens), Some(256));
+    }
+
+    #[test]
+    fn a_lease_hands_out_only_what_it_has_and_only_while_valid() {
+        let policy = RetryPolicy::default();
+        let (_, renewal) = lease_from(None, &policy, T0);
+        let mut lease = renewal.lease.unwrap_or_else(|| panic!("no lease"));
+        let mut granted = 0;
+        while let Some(reservation) = lease.grant(T0 + 10, 2) {
+            granted += reservation.granted;
+        }
+        assert_eq!(granted, 10, "the 10 left after the first request");
+        assert_eq!(lease.grant(T0 + 10, 0), None);
+        let settled = Settlement {
+            reservation: renewal.reservation,
+            attempts_made: Some(1),
+        };
+        assert_eq!(lease.settle(&settled), None);
+        assert_eq!(lease.free, 2);
+        assert!(lease.grant(T0 - 1, 2).is_none(), "a clock stepped back");
+        assert!(lease.grant(T0 + LEASE_MS, 2).is_none(), "expired");
+        assert!(lease.grant(T0 + LEASE_MS - 1, 2).is_some());
+        // With a window of one second the slot's end comes first.
+        let short = RetryPolicy {
+            budget: Budget {
+                window_s: 1,
+                min_per_s: 100,
+                ..Budget::default()
+            },
+            ..RetryPolicy::default()
+        };
+        let (_, renewal) = lease_from(None, &short, T0 + 900);
+        assert_eq!(renewal.lease.map(|lease| lease.expires_ms), Some(T0 + 1000));
+    }
+
+    #[test]
+    fn under_scarcity_no_lease_is_taken_and_the_request_reserves_alone() {
+        let policy = RetryPolicy {
+            budget: Budget {
+                min_per_s: 1,
+                ratio_ppm: 0,
+                window_s: 15,
+            },
+            ..RetryPolicy::default()
+        };
+        // 15 tokens: an eighth (1) does not cover 2 retries.
+        let (bytes, renewal) = lease_from(None, &policy, T0);
+        assert_eq!(renewal.lease, None);
+        assert_eq!(
+            (renewal.reservation.granted, renewal.reservation.lease),
+            (2, 0)
+        );
+        let (alone, reservation) = reserve_settling(None, &policy, T0, 2, &[]);
+        assert_eq!(bytes, alone, "exactly today's reservation");
+        assert_eq!(renewal.reservation, reservation);
+    }
+
+    #[test]
+    fn a_returned_lease_refunds_its_free_tokens_and_its_requests_refund_their_own() {
+        let policy = RetryPolicy::default();
+        let (bytes, renewal) = lease_from(None, &policy, T0);
+        let lease = renewal.lease.unwrap_or_else(|| panic!("no lease"));
+        // Given back with the request (2 tokens) still in flight.
+        let pending = Pending {
+            returned: Some(lease),
+            ..Pending::default()
+        };
+        let (bytes, _) = write_pending(Some(&bytes), &policy, T0 + 5, &pending);
+        let state = BudgetState::decode(Some(&bytes), &policy.budget, T0 + 5);
+        assert_eq!((state.tokens(&policy.budget), state.open()), (98, 0));
+        // The request ends with one retry used: one token back, and no
+        // open count closed twice.
+        let settled = Settlement {
+            reservation: renewal.reservation,
+            attempts_made: Some(2),
+        };
+        let bytes = settle_all(Some(&bytes), &policy, T0 + 5, &[settled]);
+        let state = BudgetState::decode(Some(&bytes), &policy.budget, T0 + 5);
+        assert_eq!((state.tokens(&policy.budget), state.open()), (99, 0));
+        // Another state (a new epoch) takes nothing back from the old one.
+        let other = fresh_state(&policy, T0 + 1);
+        let (bytes, _) = write_pending(Some(&other), &policy, T0 + 5, &pending);
+        assert_eq!(level(Some(&bytes), &policy, T0 + 5), 100);
+    }
+
+    #[test]
+    fn retries_the_router_made_beyond_the_grant_are_charged() {
+        let policy = RetryPolicy::default();
+        // A reservation of its own, granted 2, the router made 4 retries.
+        let (bytes, reservation) = reserve_settling(None, &policy, T0, 2, &[]);
+        let settled = Settlement {
+            reservation,
+            attempts_made: Some(5),
+        };
+        assert_eq!(settled.balance(), Err(2));
+        let after = settle_all(Some(&bytes), &policy, T0, &[settled]);
+        let state = BudgetState::decode(Some(&after), &policy.budget, T0);
+        assert_eq!((state.tokens(&policy.budget), state.open()), (96, 0));
+        // One from a lease: the lease keeps nothing back, the extra is
+        // charged by the write, and the lease's open count stays.
+        let (bytes, renewal) = lease_from(None, &policy, T0);
+        let mut lease = renewal.lease.unwrap_or_else(|| panic!("no lease"));
+        let settled = Settlement {
+            reservation: renewal.reservation,
+            attempts_made: Some(4),
+        };
+        let held = lease.settle(&settled);
+        assert_eq!(held, Some(settled));
+        assert_eq!(lease.free, 10);
+        let after = settle_all(Some(&bytes), &policy, T0, &[settled]);
+        let state = BudgetState::decode(Some(&after), &policy.budget, T0);
+        assert_eq!((state.tokens(&policy.budget), state.open()), (87, 1));
     }
 }

@@ -19,7 +19,7 @@
 
 use crate::breaker::Transition;
 use crate::engine::{HeadersAction, Host, MetricKind, Observed, Property, Worker};
-use crate::retry::{Budget, Reservation};
+use crate::retry::{Budget, Landed, Lease, Reservation};
 use crate::shared::{CasMismatch, MemoryStore, SharedStore};
 use crate::sticky::Rng;
 use std::cell::{Cell, RefCell};
@@ -41,6 +41,8 @@ pub struct FaultyStore {
     inner: MemoryStore,
     fail_next: Cell<u32>,
     writes: RefCell<Vec<Write>>,
+    /// Every read (`get`), by any VM.
+    pub reads: Cell<u64>,
 }
 
 impl FaultyStore {
@@ -61,6 +63,7 @@ impl FaultyStore {
 
 impl SharedStore for FaultyStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.reads.set(self.reads.get() + 1);
         self.inner.get(key)
     }
 
@@ -176,6 +179,16 @@ pub enum Event {
         key: String,
         budget: Budget,
         reservation: Reservation,
+    },
+    Deposited {
+        key: String,
+        budget: Budget,
+        landed: Landed,
+    },
+    Leased {
+        key: String,
+        budget: Budget,
+        lease: Lease,
     },
     BreakerChanged {
         key: String,
@@ -407,6 +420,20 @@ impl Host for FakeHost {
                 key: key.to_string(),
                 budget,
                 reservation: *reservation,
+            },
+            Observed::Deposited {
+                key,
+                budget,
+                landed,
+            } => Event::Deposited {
+                key: key.to_string(),
+                budget,
+                landed: *landed,
+            },
+            Observed::Leased { key, budget, lease } => Event::Leased {
+                key: key.to_string(),
+                budget,
+                lease: *lease,
             },
             Observed::BreakerChanged { key, transition } => Event::BreakerChanged {
                 key: key.to_string(),

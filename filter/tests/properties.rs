@@ -206,7 +206,8 @@ fn budget_knobs() -> impl Strategy<Value = Knobs> {
         any::<u16>(),
         1..=10u8,
         prop_oneof![Just(0u32), 0..=1_000_000u32],
-        0..=5u32,
+        // Scarce (no lease is ever taken) and plentiful (leases).
+        prop_oneof![0..=5u32, 6..=40u32],
         0..=20u8,
         proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u32>()),
@@ -439,6 +440,53 @@ fn the_simulator_reaches_trips_closes_and_rollbacks() {
         stats.granted > 0 && stats.denied > 0 && stats.rejected > 0,
         "{stats:?}"
     );
+}
+
+/// Two workers on a plentiful budget: grants come from leases, which run
+/// out, expire and are renewed across clock steps and lost CAS races,
+/// with every oracle (the bound, the leases') checked on the way.
+#[test]
+fn the_simulator_reaches_leases_and_their_renewals() {
+    let knobs = Knobs {
+        template: 0,
+        max_retries: 3,
+        ratio_ppm: 100_000,
+        min_per_s: 40,
+        window_s: 2,
+        min_requests: 49,
+        failure_rate_ppm: 999_999,
+        ..Knobs::default()
+    };
+    let burst = |count, status, attempts, overlap| Event::Burst {
+        count,
+        authority: 0,
+        path: 0,
+        status,
+        attempts,
+        step_ms: 40,
+        overlap,
+    };
+    let scenario = Scenario {
+        workers: 2,
+        seed: 3,
+        start_offset_ms: 700,
+        variants: vec![knobs],
+        events: vec![
+            burst(31, 200, 1, true),
+            burst(31, 503, 4, true),
+            Event::Contend { failures: 40 },
+            burst(20, 503, 4, false),
+            Event::Clock { delta_ms: -1_500 },
+            burst(31, 200, 2, true),
+            Event::Tick { worker: 0 },
+            Event::Clock { delta_ms: 3_000 },
+            burst(31, 503, 4, false),
+            Event::Tick { worker: 1 },
+            burst(31, 503, 4, true),
+        ],
+    };
+    let stats = Sim::run(&scenario).unwrap();
+    assert!(stats.leases >= 3 && stats.granted > 0, "{stats:?}");
 }
 
 /// Found by the lifecycle fuzz target's budget oracle: a state recreated

@@ -185,18 +185,26 @@ fn a_request_left_with_no_condition_plans_no_retry_and_reserves_nothing() {
         send(&mut vm, "POST", "/", &[]),
         ("0".to_string(), None, None)
     );
-    // Deposited as a request, nothing reserved and nothing denied.
+    // Nothing reserved and nothing denied: no write at all; the request is
+    // deposited with the worker's next write, here its tick.
     let events = vm.host.take_events();
-    let reservations: Vec<_> = events
+    assert!(
+        !events
+            .iter()
+            .any(|event| matches!(event, Event::Reserved { .. } | Event::Deposited { .. })),
+        "{events:?}"
+    );
+    vm.tick();
+    let deposited: u32 = vm
+        .host
+        .take_events()
         .iter()
         .filter_map(|event| match event {
-            Event::Reserved { reservation, .. } => Some(*reservation),
+            Event::Deposited { landed, .. } => Some(landed.deposits),
             _ => None,
         })
-        .collect();
-    assert_eq!(reservations.len(), 1, "{events:?}");
-    assert_eq!((reservations[0].granted, reservations[0].denied), (0, 0));
-    vm.tick();
+        .sum();
+    assert_eq!(deposited, 1, "the POST, at the tick");
     assert_eq!(vm.host.metric("sluice.shop.retry.denied"), Some(0));
     assert_eq!(vm.host.metric("sluice.shop.retry.granted"), Some(3));
     assert_eq!(withheld(&mut vm), 1);

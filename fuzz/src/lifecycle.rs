@@ -47,8 +47,17 @@
 //!   `retries(a..=b) ≤ ratio × requests(a−W+1..=b) + min_per_s × (b − a + W)`,
 //!   counting per reservation the engine reported (`Observed::Reserved`) the
 //!   retries the router really made (all granted ones while it may still
-//!   make them), by the second they were granted in; a reservation lost to
-//!   CAS races deposits nothing;
+//!   make them), by the second they were charged to (a lease's, for a grant
+//!   from a lease), and the requests where the writes that landed deposited
+//!   them (`Observed::Deposited`); a write lost to CAS races deposits
+//!   nothing;
+//! - leases (`retry::Lease`): a lease is taken at the head second the
+//!   write deposited in, by the clock of the callback, and leaves at least
+//!   `LEASE_SHARE − 1` times its tokens to the others (the level in the
+//!   bytes written: no worker starves the rest); a grant from a lease comes
+//!   from one this worker took, while the clock is within `LEASE_MS` of
+//!   taking it and before its slot leaves the window, and the retries its
+//!   requests may still make or made never exceed its tokens;
 //! - breaker transitions are only closed→open, open→half-open,
 //!   half-open→closed and half-open→open; per callback and per breaker key,
 //!   the changes of the stored state are exactly the transitions the engine
@@ -419,6 +428,7 @@ pub struct Stats {
     pub rollbacks: u64,
     pub budget_checks: u64,
     pub lost_updates: u64,
+    pub leases: u64,
 }
 
 // ---------------------------------------------------------------- headers
@@ -461,10 +471,10 @@ struct Lifetime {
 impl Lifetime {
     /// The bound on the intervals `[a, b]` whose ends hold retries (the
     /// tightest ones: moving an end inwards past seconds without retries
-    /// only lowers the right-hand side). `newest_only`: only those ending at
-    /// the newest second, the only ones a deposit there can break (seconds
-    /// never go back within a lifetime, and a refund only lowers retries).
-    fn check(&self, newest_only: bool) -> Result<(), String> {
+    /// only lowers the right-hand side), for `b ≥ from`: a charge at
+    /// `from` can break only those (a deposit or a refund never breaks
+    /// the bound).
+    fn check_from(&self, from: u64) -> Result<(), String> {
         let window = u64::from(self.budget.window_s.max(1));
         let rows: Vec<(u64, u64, u64)> = self
             .seconds
@@ -481,11 +491,7 @@ impl Lifetime {
             retries_before.push(last_retries + u128::from(retries));
         }
         let at = |sums: &Vec<u128>, index: usize| sums.get(index).copied().unwrap_or(0);
-        let ends = if newest_only {
-            rows.len().saturating_sub(1)
-        } else {
-            0
-        };
+        let ends = rows.partition_point(|&(second, _, _)| second < from);
         for (end, &(b, _, retries_b)) in rows.iter().enumerate().skip(ends) {
             if retries_b == 0 {
                 continue;
@@ -521,60 +527,156 @@ impl Lifetime {
 #[derive(Debug, Clone, Copy)]
 struct Charge {
     key: usize,
-    lifetime: usize,
+    epoch: u64,
     second: u64,
     granted: u64,
+    /// The lease it came from: (worker, serial).
+    lease: Option<(usize, u64)>,
+}
+
+/// A lease as the oracle tracks it: the retries its requests may still
+/// make (granted, in flight) or made.
+#[derive(Debug, Clone, Copy)]
+struct LeaseTrack {
+    lease: retry::Lease,
+    outstanding: u64,
 }
 
 #[derive(Debug, Default)]
 struct BudgetOracle {
     keys: HashMap<String, usize>,
-    /// Per key, its lifetimes; the last is the current one.
-    lifetimes: Vec<Vec<Lifetime>>,
+    /// Per key, its lifetimes by epoch (a state's epoch is its identity:
+    /// a recreated state gets a later one).
+    lifetimes: Vec<BTreeMap<u64, Lifetime>>,
+    /// Per (key, worker, serial).
+    leases: HashMap<(usize, usize, u64), LeaseTrack>,
 }
 
 impl BudgetOracle {
-    /// A request deposited by a reservation that landed. A new lifetime
-    /// starts when the state's epoch changes or its head goes back (the
-    /// state was recreated: the documented "one extra reserve").
-    fn deposit(&mut self, key: &str, budget: Budget, reservation: &Reservation) -> Charge {
+    fn index(&mut self, key: &str) -> usize {
         let next = self.keys.len();
         let index = *self.keys.entry(key.to_string()).or_insert(next);
         if self.lifetimes.len() <= index {
-            self.lifetimes.resize_with(index + 1, Vec::new);
+            self.lifetimes.resize_with(index + 1, BTreeMap::new);
         }
-        let mut lifetime_index = 0;
-        if let Some(lifetimes) = self.lifetimes.get_mut(index) {
-            let renewed = match lifetimes.last() {
-                Some(current) => {
-                    current.epoch != reservation.epoch
-                        || reservation.second < current.newest_second
-                        || current.budget != budget
-                }
-                None => true,
-            };
-            if renewed {
-                lifetimes.push(Lifetime {
+        index
+    }
+
+    fn lifetime(&mut self, key: usize, budget: Budget, epoch: u64) -> Option<&mut Lifetime> {
+        Some(
+            self.lifetimes
+                .get_mut(key)?
+                .entry(epoch)
+                .or_insert_with(|| Lifetime {
                     budget,
-                    epoch: reservation.epoch,
-                    newest_second: reservation.second,
+                    epoch,
+                    newest_second: 0,
                     seconds: BTreeMap::new(),
-                });
-            }
-            lifetime_index = lifetimes.len() - 1;
-            if let Some(current) = lifetimes.last_mut() {
-                current.newest_second = reservation.second;
-                let entry = current.seconds.entry(reservation.second).or_default();
-                entry.0 += 1;
-                entry.1 += u64::from(reservation.granted);
-            }
+                }),
+        )
+    }
+
+    /// A write that landed deposited `landed.deposits` requests.
+    fn deposit(&mut self, key: &str, budget: Budget, landed: &retry::Landed) {
+        let index = self.index(key);
+        if let Some(lifetime) = self.lifetime(index, budget, landed.epoch) {
+            lifetime.newest_second = lifetime.newest_second.max(landed.second);
+            let entry = lifetime.seconds.entry(landed.second).or_default();
+            entry.0 += u64::from(landed.deposits);
         }
-        Charge {
+    }
+
+    /// A lease taken by `worker` at `now`, in the write that deposited at
+    /// `landed`; `level_after` is the level its write left.
+    fn leased(
+        &mut self,
+        key: &str,
+        worker: usize,
+        lease: &retry::Lease,
+        now: u64,
+        landed: Option<retry::Landed>,
+        level_after: u64,
+    ) -> Result<(), String> {
+        ensure(
+            landed
+                .is_some_and(|landed| landed.epoch == lease.epoch && landed.second == lease.second)
+                && lease.taken_ms == now
+                && lease.free <= lease.tokens
+                && u64::from(lease.tokens) <= retry::LEASE_MAX,
+            || format!("lease {lease:?} taken at {now}, the write deposited at {landed:?}"),
+        )?;
+        ensure(
+            level_after >= (retry::LEASE_SHARE - 1) * u64::from(lease.tokens),
+            || format!("lease {lease:?} left {level_after} tokens to the others: it starves them"),
+        )?;
+        let index = self.index(key);
+        self.leases.insert(
+            (index, worker, lease.serial),
+            LeaseTrack {
+                lease: *lease,
+                outstanding: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A request's reservation (one of its own that landed, or a grant
+    /// from a lease of `worker`): its retries are charged where it says.
+    fn charge(
+        &mut self,
+        key: &str,
+        budget: Budget,
+        reservation: &Reservation,
+        worker: usize,
+        now: u64,
+    ) -> Result<Option<Charge>, String> {
+        let index = self.index(key);
+        let granted = u64::from(reservation.granted);
+        let mut lease = None;
+        if reservation.lease != 0 {
+            let track = self
+                .leases
+                .get_mut(&(index, worker, reservation.lease))
+                .ok_or_else(|| {
+                    format!("{reservation:?} from a lease worker {worker} never took")
+                })?;
+            let taken = track.lease;
+            let window = u64::from(budget.window_s.max(1));
+            ensure(
+                taken.epoch == reservation.epoch && taken.second == reservation.second,
+                || format!("{reservation:?} charged elsewhere than its lease {taken:?}"),
+            )?;
+            ensure(
+                taken.taken_ms <= now
+                    && now < taken.taken_ms + retry::LEASE_MS
+                    && now < (taken.second + window) * 1000,
+                || format!("{reservation:?} granted at {now} from an expired lease {taken:?}"),
+            )?;
+            track.outstanding += granted;
+            ensure(track.outstanding <= u64::from(taken.tokens), || {
+                format!(
+                    "lease {taken:?} handed out {} retries, more than it holds",
+                    track.outstanding
+                )
+            })?;
+            lease = Some((worker, reservation.lease));
+        }
+        if granted == 0 {
+            return Ok(None);
+        }
+        let Some(lifetime) = self.lifetime(index, budget, reservation.epoch) else {
+            return Ok(None);
+        };
+        let entry = lifetime.seconds.entry(reservation.second).or_default();
+        entry.1 += granted;
+        lifetime.check_from(reservation.second)?;
+        Ok(Some(Charge {
             key: index,
-            lifetime: lifetime_index,
+            epoch: reservation.epoch,
             second: reservation.second,
-            granted: u64::from(reservation.granted),
-        }
+            granted,
+            lease,
+        }))
     }
 
     /// The router is done: it made `retries` of the granted ones.
@@ -583,23 +685,15 @@ impl BudgetOracle {
         if let Some(entry) = self
             .lifetimes
             .get_mut(charge.key)
-            .and_then(|lifetimes| lifetimes.get_mut(charge.lifetime))
+            .and_then(|lifetimes| lifetimes.get_mut(&charge.epoch))
             .and_then(|lifetime| lifetime.seconds.get_mut(&charge.second))
         {
             entry.1 -= unused;
         }
-    }
-
-    /// The bound after a deposit: the key's current lifetime, at its
-    /// newest second.
-    fn check(&self, key: usize) -> Result<(), String> {
-        match self
-            .lifetimes
-            .get(key)
-            .and_then(|lifetimes| lifetimes.last())
-        {
-            Some(lifetime) => lifetime.check(true),
-            None => Ok(()),
+        if let Some((worker, serial)) = charge.lease {
+            if let Some(track) = self.leases.get_mut(&(charge.key, worker, serial)) {
+                track.outstanding -= unused;
+            }
         }
     }
 
@@ -607,8 +701,8 @@ impl BudgetOracle {
     fn check_all(&self) -> Result<(), String> {
         self.lifetimes
             .iter()
-            .flatten()
-            .try_for_each(|lifetime| lifetime.check(false))
+            .flat_map(|lifetimes| lifetimes.values())
+            .try_for_each(|lifetime| lifetime.check_from(0))
     }
 }
 
@@ -1241,6 +1335,7 @@ impl Sim {
         let writes = self.store.take_writes();
         let mut transitions = Vec::new();
         let mut reserved = Vec::new();
+        let mut last_landed = None;
         for event in events {
             match event {
                 testing::Event::Reserved {
@@ -1253,6 +1348,29 @@ impl Sim {
                         format!("a reservation in {key} with {budget:?}, which no config defines")
                     })?;
                     reserved.push((key, budget, reservation));
+                }
+                testing::Event::Deposited {
+                    key,
+                    budget,
+                    landed,
+                } => {
+                    self.budget.deposit(&key, budget, &landed);
+                    last_landed = Some(landed);
+                }
+                testing::Event::Leased { key, budget, lease } => {
+                    let policy = retry::RetryPolicy {
+                        budget,
+                        ..retry::RetryPolicy::default()
+                    };
+                    let written = writes
+                        .iter()
+                        .rev()
+                        .find(|write| write.key == key)
+                        .map(|write| write.new.as_slice());
+                    let level_after = retry::level(written, &policy, now);
+                    self.budget
+                        .leased(&key, worker, &lease, now, last_landed, level_after)?;
+                    self.stats.leases += 1;
                 }
                 testing::Event::BreakerChanged { key, transition } => {
                     transitions.push((key, transition));
@@ -1511,9 +1629,9 @@ impl Sim {
                 let key = retry::budget_key(&service.name, policy);
                 let mut granted = 0;
                 let mut charge = None;
-                for (reserved_key, budget, reservation) in &reserved {
+                for (seen, (reserved_key, budget, reservation)) in reserved.iter().enumerate() {
                     ensure(
-                        *reserved_key == key && *budget == policy.budget && charge.is_none(),
+                        *reserved_key == key && *budget == policy.budget && seen == 0,
                         || format!("service {} reserved {reserved:?}", service.name),
                     )?;
                     ensure(
@@ -1526,13 +1644,14 @@ impl Sim {
                             )
                         },
                     )?;
-                    let deposit = self.budget.deposit(reserved_key, *budget, reservation);
+                    let now = self.clock.get();
+                    charge = self
+                        .budget
+                        .charge(reserved_key, *budget, reservation, worker, now)?;
                     self.stats.budget_checks += 1;
-                    self.budget.check(deposit.key)?;
                     self.stats.granted += u64::from(reservation.granted);
                     self.stats.denied += u64::from(reservation.denied);
                     granted = reservation.granted;
-                    charge = Some(deposit);
                 }
                 let written = values(&stream, retry::MAX_RETRIES_HEADER);
                 let granted_text = granted.to_string();

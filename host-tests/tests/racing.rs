@@ -19,21 +19,22 @@ use std::thread;
 
 use sluice_host::{require_sluice_wasm, Action, Proxy, Stream, Vm};
 
-/// A service with retries (budget: 20 % of requests plus 10/s over 10 s)
+/// A service with retries (budget: 20 % of requests plus 10/s over 12 s,
+/// longer than the run, so that the end state still holds all of it)
 /// and a breaker (50 % failures over 10 s, at least 20 calls).
 const SHOP: &str = r#"{"services": [{
     "name": "shop",
     "match": {"authority": "shop.local", "path_prefix": "/"},
     "stable": "shop_v1",
     "retry": {"max_retries": 2, "retry_on": "5xx",
-              "budget": {"ratio": 0.2, "min_per_s": 10, "window_s": 10}},
+              "budget": {"ratio": 0.2, "min_per_s": 10, "window_s": 12}},
     "breaker": {"window_s": 10, "min_requests": 20, "failure_rate": 0.5,
                 "open_ms": 5000, "max_open_ms": 60000, "half_open_requests": 1}
 }]}"#;
 
 const RATIO_PPM: u64 = 200_000;
 const MIN_PER_S: u64 = 10;
-const WINDOW_S: u64 = 10;
+const WINDOW_S: u64 = 12;
 
 const WORKERS: usize = 4;
 const REQUESTS_PER_WORKER: usize = 2_000;
@@ -245,11 +246,15 @@ fn assert_within_budget(done: &[Done]) {
 ///   means: the breaker's window holds, bucket by bucket, exactly the calls
 ///   and failures of the replayed requests in those buckets (nothing lost or
 ///   counted twice by racing writers, held successes included once the
-///   workers' ticks flushed them), and the budget's slots hold, second by
-///   second, exactly the replayed deposits (one per request) and charges
-///   (the retries used: reserved minus refunded), with no reservation left
-///   open. The CAS tokens and the order of the writes differ from a
-///   sequential run and are not compared.
+///   workers' ticks flushed them), and the budget's slots hold, once the
+///   workers' leases are given back, exactly the replayed deposits (one
+///   per request) and charges (the retries used: reserved minus refunded),
+///   with no reservation left open. Second by second, a deposit lands in
+///   its request's second or a later one, at most a second late (with the
+///   worker's next write: a tick, every round), and a charge in its
+///   request's second or the one before (a lease's slot, the lease living
+///   at most a second). The CAS tokens and the order of the writes differ
+///   from a sequential run and are not compared.
 #[test]
 fn racing_workers_keep_one_exact_breaker_and_budget() {
     let proxy = proxy(SHOP);
@@ -354,10 +359,47 @@ fn racing_workers_keep_one_exact_breaker_and_budget() {
     let head = breaker.head;
     replay_breaker.retain(|epoch, _| *epoch + 10 > head);
     assert_eq!(breaker.buckets, replay_breaker, "breaker window vs replay");
+    // Past the leases' lifetime (`retry::LEASE_MS`), the ticks give them
+    // back.
+    proxy.advance_ms(1_000);
+    proxy.tick_now();
     let (bytes, _) = proxy.shared_data(&budget_key).unwrap();
     let (head, budget) = budget_view(&bytes);
-    replay_budget.retain(|second, _| *second + WINDOW_S > head);
-    assert_eq!(budget, replay_budget, "budget slots vs replay");
+    let first = *replay_budget.keys().next().unwrap();
+    assert!(first + WINDOW_S > head, "the window holds the whole run");
+    let total = |slots: &BTreeMap<u64, (u32, u32, u32)>| {
+        slots
+            .values()
+            .fold((0, 0, 0), |(r, c, o), &(requests, retries, open)| {
+                (r + requests, c + retries, o + open)
+            })
+    };
+    assert_eq!(
+        total(&budget),
+        total(&replay_budget),
+        "budget totals vs replay"
+    );
+    let upto = |slots: &BTreeMap<u64, (u32, u32, u32)>, second: u64| {
+        slots
+            .range(..=second)
+            .fold((0, 0), |(r, c), (_, &(requests, retries, _))| {
+                (r + requests, c + retries)
+            })
+    };
+    for second in first..=head {
+        let (deposited, charged) = upto(&budget, second);
+        let (served, used) = upto(&replay_budget, second);
+        let (served_before, _) = upto(&replay_budget, second.saturating_sub(1));
+        let (_, used_next) = upto(&replay_budget, second + 1);
+        assert!(
+            served_before <= deposited && deposited <= served,
+            "second {second}: {deposited} deposited, {served_before}..={served} served"
+        );
+        assert!(
+            used <= charged && charged <= used_next,
+            "second {second}: {charged} charged, {used}..={used_next} used"
+        );
+    }
 }
 
 /// Every shared-data write of the filter loses its CAS race for a while

@@ -753,5 +753,10 @@ fn the_budget_survives_a_reconfigure_unless_its_block_changes() {
     let (stream, granted) = start(&vms[0], &[]);
     assert_eq!(granted, 2);
     complete(&stream, 3, 503);
+    // Plenty of tokens: the worker took a lease of an eighth (15), which
+    // holds the unused ones until its tick gives it back, past its second
+    // of lifetime; then only the two retries used stay charged.
+    assert_eq!(level_now(&proxy, &vms[1]), 105);
+    proxy.advance_ms(1_000);
     assert_eq!(level_now(&proxy, &vms[1]), 118);
 }

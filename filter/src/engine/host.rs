@@ -10,7 +10,7 @@
 //! replies) act on the stream the host is calling back for, as in Envoy.
 
 use crate::breaker::Transition;
-use crate::retry::{Budget, Reservation};
+use crate::retry::{Budget, Landed, Lease, Reservation};
 use crate::shared::SharedStore;
 
 /// A stream property the engine reads at the end of a request.
@@ -43,11 +43,28 @@ pub enum MetricKind {
 /// empty and compiles away.
 #[derive(Debug, Clone, Copy)]
 pub enum Observed<'a> {
-    /// A reservation landed in the budget stored under `key`.
+    /// A request got its retries from the budget stored under `key`: a
+    /// reservation of its own that landed, or a grant from the worker's
+    /// lease (`reservation.lease`). A request that wants no retry and
+    /// writes nothing reports nothing.
     Reserved {
         key: &'a str,
         budget: Budget,
         reservation: &'a Reservation,
+    },
+    /// A write to the budget under `key` landed, with the worker's
+    /// requests since its last write deposited where `landed` says.
+    Deposited {
+        key: &'a str,
+        budget: Budget,
+        landed: &'a Landed,
+    },
+    /// The worker took a lease on the budget under `key` (in the write
+    /// reported by the `Deposited` just before).
+    Leased {
+        key: &'a str,
+        budget: Budget,
+        lease: &'a Lease,
     },
     /// A write to the breaker stored under `key` changed its state; this
     /// VM is the one that reports it.

@@ -16,8 +16,10 @@
 //!   `stable_by_default` service's stable request, route-mode retries);
 //!   then one `clear_route_cache` when the steering header changed
 //!   (`Worker::request_headers`; never again in a VM whose host lacks it);
-//! - one write to the retry budget (a reservation, carrying the settlements
-//!   of the worker's finished requests: `retry::reserve_settling`);
+//! - no call for the retry budget while the worker's lease on it lasts and
+//!   covers the request (`retry::Lease`); else one write, carrying the
+//!   settlements and deposits of the worker's finished requests, that
+//!   renews the lease or reserves for the request alone (`retry::renew`);
 //! - no breaker read while the worker's cached verdict is fresh
 //!   (`runtime::BREAKER_CACHE_MS`), and no breaker write for a clean
 //!   success: the worker holds those back and books them with its next
@@ -45,7 +47,6 @@ use crate::pairs::HeaderPairs;
 use crate::retry::{self, Reservation, Settlement};
 use crate::rollout::RolloutState;
 use crate::router::{Decision, RequestHeaders};
-use crate::shared;
 use crate::sticky::mix;
 use runtime::{Active, RetryRuntime, ServiceRuntime};
 use std::collections::HashMap;
@@ -170,7 +171,7 @@ impl Worker {
         if self.streams.remove(&context_id).is_none() {
             if let Some(root) = self.roots.remove(&context_id) {
                 if let Some(active) = root.active {
-                    active.flush(host, host.now_ms());
+                    active.flush(host, host.now_ms(), true);
                 }
             }
         }
@@ -201,7 +202,7 @@ impl Worker {
         // What the old config held goes out now: its state keys may be the
         // new one's (an unchanged block keeps its state).
         if let Some(old) = root.active.replace(Rc::new(active)) {
-            old.flush(host, now);
+            old.flush(host, now, true);
         }
         true
     }
@@ -213,7 +214,7 @@ impl Worker {
             return;
         };
         let now = host.now_ms();
-        active.flush(host, now);
+        active.flush(host, now, false);
         active.refresh(host, now);
     }
 
@@ -646,14 +647,15 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
         }
     }
     if !current {
-        active.flush(host, host.now_ms());
+        active.flush(host, host.now_ms(), true);
     }
 }
 
-/// Plans the request's retries and timeouts, reserves the retries from the
-/// shared budget (settling the worker's finished requests in the same
-/// write), and writes the headers the router reads for them as the mode
-/// says (`retry::for_each_owned_header`), removing the client's others.
+/// Plans the request's retries and timeouts, takes the retries from the
+/// worker's lease on the shared budget or reserves them (settling the
+/// worker's finished requests in the same write: `RetryRuntime::reserve`),
+/// and writes the headers the router reads for them as the mode says
+/// (`retry::for_each_owned_header`), removing the client's others.
 fn govern_retries(
     host: &impl Host,
     service: &str,
@@ -692,27 +694,7 @@ fn govern_retries(
     let reservation = if policy.max_retries == 0 {
         Reservation::unrecorded(0)
     } else {
-        let result = {
-            let held = runtime.held.borrow();
-            shared::update(host, &runtime.key, |bytes| {
-                retry::reserve_settling(bytes, policy, now, plan.max_retries, &held)
-            })
-        };
-        match result {
-            Some(reservation) => {
-                runtime.held.borrow_mut().clear();
-                host.observe(Observed::Reserved {
-                    key: &runtime.key,
-                    budget: policy.budget,
-                    reservation: &reservation,
-                });
-                reservation
-            }
-            None => {
-                host.observe(Observed::UpdateLost { key: &runtime.key });
-                Reservation::unrecorded(plan.max_retries)
-            }
-        }
+        runtime.reserve(host, policy, now, plan.max_retries)
     };
     runtime.granted.add(u64::from(reservation.granted));
     runtime.denied.add(u64::from(reservation.denied));

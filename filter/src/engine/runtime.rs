@@ -14,12 +14,13 @@ use crate::breaker::{
     self, Admission, BreakerConfig, Check, Outcome, PendingSuccesses, ProbeToken,
 };
 use crate::config::{Config, Service, Side};
-use crate::retry::{self, Settlement};
+use crate::retry::{self, Lease, Pending, Reservation, Settlement};
 use crate::rollout::{self, RolloutView};
 use crate::router::Router;
 use crate::shared;
 use crate::sticky::{mix, Rng};
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A VM re-reads the shared rollout state at least this often.
 pub const ROLLOUT_CACHE_MS: u64 = 1_000;
@@ -94,6 +95,165 @@ pub struct RetryRuntime {
     pub last_dry_warning_ms: Cell<Option<u64>>,
     /// Finished requests' reservations, written with the next reservation.
     pub held: RefCell<Vec<Settlement>>,
+    /// The worker's lease on the budget (`retry::Lease`): until a write
+    /// gives it back, it takes back the unused retries of its requests.
+    pub lease: Cell<Option<Lease>>,
+    /// Requests served since the last write, deposited with the next one.
+    pub deposits: Cell<u32>,
+}
+
+/// Names leases (`Lease::serial`): distinct within a VM (one wasm memory
+/// per VM in Envoy), across its configs.
+static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
+
+fn next_lease_serial() -> u64 {
+    NEXT_LEASE.fetch_add(1, Ordering::Relaxed).max(1)
+}
+
+impl RetryRuntime {
+    /// The request's retries: from the worker's lease with no host call
+    /// when it is valid and covers them, else from one write that also
+    /// carries what the worker held, gives the lease back and takes a new
+    /// one (`retry::renew`). A request that wants no retry is deposited
+    /// with the next write.
+    pub fn reserve(
+        &self,
+        host: &impl Host,
+        policy: &retry::RetryPolicy,
+        now: u64,
+        wanted: u32,
+    ) -> Reservation {
+        self.deposits.set(self.deposits.get().saturating_add(1));
+        let mut lease = self.lease.get();
+        let local = lease.as_mut().and_then(|lease| lease.grant(now, wanted));
+        if let Some(reservation) = local {
+            self.lease.set(lease);
+            self.observe_reserved(host, policy, &reservation);
+            if u64::from(self.deposits.get()) >= MAX_HELD {
+                self.write(host, policy, now, false);
+            }
+            return reservation;
+        }
+        if wanted == 0 {
+            if u64::from(self.deposits.get()) >= MAX_HELD {
+                self.write(host, policy, now, false);
+            }
+            return Reservation::unrecorded(0);
+        }
+        let serial = next_lease_serial();
+        let deposits = self.deposits.get();
+        let result = {
+            let held = self.held.borrow();
+            let pending = Pending {
+                settlements: &held,
+                returned: lease,
+                deposits,
+            };
+            shared::update(host, &self.key, |bytes| {
+                retry::renew(bytes, policy, now, wanted, &pending, serial)
+            })
+        };
+        let Some(renewal) = result else {
+            // The deposits wait for the next write; the lease, if any,
+            // stays the worker's.
+            host.observe(Observed::UpdateLost { key: &self.key });
+            return Reservation::unrecorded(wanted);
+        };
+        self.held.borrow_mut().clear();
+        self.deposits.set(0);
+        self.lease.set(renewal.lease);
+        host.observe(Observed::Deposited {
+            key: &self.key,
+            budget: policy.budget,
+            landed: &renewal.landed,
+        });
+        if let Some(lease) = &renewal.lease {
+            host.observe(Observed::Leased {
+                key: &self.key,
+                budget: policy.budget,
+                lease,
+            });
+        }
+        self.observe_reserved(host, policy, &renewal.reservation);
+        renewal.reservation
+    }
+
+    fn observe_reserved(
+        &self,
+        host: &impl Host,
+        policy: &retry::RetryPolicy,
+        reservation: &Reservation,
+    ) {
+        host.observe(Observed::Reserved {
+            key: &self.key,
+            budget: policy.budget,
+            reservation,
+        });
+    }
+
+    /// Books a finished request: the unused retries of one granted from
+    /// the current lease go back to it (no host call); anything else is
+    /// held for the next write, at once beyond `MAX_HELD`.
+    pub fn settle(&self, host: &impl Host, policy: &retry::RetryPolicy, settlement: Settlement) {
+        let mut rest = Some(settlement);
+        if let Some(mut lease) = self.lease.get() {
+            if settlement.reservation.lease == lease.serial {
+                rest = lease.settle(&settlement);
+                self.lease.set(Some(lease));
+            }
+        }
+        let Some(settlement) = rest else {
+            return;
+        };
+        let count = {
+            let mut held = self.held.borrow_mut();
+            held.push(settlement);
+            held.len()
+        };
+        if count as u64 >= MAX_HELD {
+            self.write(host, policy, host.now_ms(), false);
+        }
+    }
+
+    /// Writes what the worker holds: settlements, deposits, and its lease
+    /// when it has expired (or always, with `retire`: the config is going
+    /// away). Nothing to write, no host call.
+    pub fn write(&self, host: &impl Host, policy: &retry::RetryPolicy, now: u64, retire: bool) {
+        let returned = self
+            .lease
+            .get()
+            .filter(|lease| retire || !lease.valid_at(now));
+        if self.held.borrow().is_empty() && self.deposits.get() == 0 && returned.is_none() {
+            return;
+        }
+        let deposits = self.deposits.get();
+        let written = {
+            let held = self.held.borrow();
+            let pending = Pending {
+                settlements: &held,
+                returned,
+                deposits,
+            };
+            shared::update(host, &self.key, |bytes| {
+                retry::write_pending(bytes, policy, now, &pending)
+            })
+        };
+        match written {
+            Some(landed) => {
+                self.held.borrow_mut().clear();
+                self.deposits.set(0);
+                if returned.is_some() {
+                    self.lease.set(None);
+                }
+                host.observe(Observed::Deposited {
+                    key: &self.key,
+                    budget: policy.budget,
+                    landed: &landed,
+                });
+            }
+            None => host.observe(Observed::UpdateLost { key: &self.key }),
+        }
+    }
 }
 
 /// What a worker may assume about a breaker without reading it.
@@ -168,6 +328,8 @@ impl ServiceRuntime {
                 level: Gauge::define(host, &format!("{prefix}.retry.budget_level")),
                 last_dry_warning_ms: Cell::new(None),
                 held: RefCell::new(Vec::new()),
+                lease: Cell::new(None),
+                deposits: Cell::new(0),
             }
         });
         let breaker_for = |side: Side| -> Option<BreakerRuntime> {
@@ -528,7 +690,7 @@ impl Active {
         }
     }
 
-    /// Queues a finished request's settlement for the next reservation.
+    /// Books a finished request's settlement (`RetryRuntime::settle`).
     pub fn settle(
         &self,
         host: &impl Host,
@@ -536,24 +698,18 @@ impl Active {
         runtime: &ServiceRuntime,
         settlement: Settlement,
     ) {
-        let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) else {
-            return;
-        };
-        let count = {
-            let mut held = retry_runtime.held.borrow_mut();
-            held.push(settlement);
-            held.len()
-        };
-        if count as u64 >= MAX_HELD {
-            write_settlements(host, policy, retry_runtime, host.now_ms());
+        if let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) {
+            retry_runtime.settle(host, policy, settlement);
         }
     }
 
-    /// Writes everything held: settlements, successes, counters.
-    pub fn flush(&self, host: &impl Host, now: u64) {
+    /// Writes everything held: settlements, deposits, an expired lease
+    /// (any lease with `retire`, for a config going away), successes,
+    /// counters.
+    pub fn flush(&self, host: &impl Host, now: u64, retire: bool) {
         for (service, runtime) in self.router.services().iter().zip(&self.services) {
             if let (Some(policy), Some(retry_runtime)) = (&service.retry, &runtime.retry) {
-                write_settlements(host, policy, retry_runtime, now);
+                retry_runtime.write(host, policy, now, retire);
                 retry_runtime.granted.flush(host);
                 retry_runtime.denied.flush(host);
                 retry_runtime.deadline_cut.flush(host);
@@ -614,27 +770,5 @@ impl Active {
                 }
             }
         }
-    }
-}
-
-fn write_settlements(
-    host: &impl Host,
-    policy: &retry::RetryPolicy,
-    runtime: &RetryRuntime,
-    now: u64,
-) {
-    if runtime.held.borrow().is_empty() {
-        return;
-    }
-    let written = {
-        let held = runtime.held.borrow();
-        shared::update(host, &runtime.key, |bytes| {
-            (retry::settle_all(bytes, policy, now, &held), ())
-        })
-    };
-    if written.is_some() {
-        runtime.held.borrow_mut().clear();
-    } else {
-        host.observe(Observed::UpdateLost { key: &runtime.key });
     }
 }
