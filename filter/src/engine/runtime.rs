@@ -95,7 +95,8 @@ pub struct RetryRuntime {
     pub withheld_unsafe: Counter,
     level: Gauge,
     pub last_dry_warning_ms: Cell<Option<u64>>,
-    /// Finished requests' reservations, written with the next reservation.
+    /// Finished requests' reservations (not settled with the current
+    /// lease), written with the next write.
     pub held: RefCell<Vec<Settlement>>,
     /// The worker's lease on the budget (`retry::Lease`): until a write
     /// gives it back, it takes back the unused retries of its requests.
