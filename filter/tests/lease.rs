@@ -302,3 +302,23 @@ fn a_lost_renewal_grants_nothing_and_keeps_the_deposits_for_the_next_write() {
         .sum();
     assert_eq!(deposited, 2, "both requests, in the write that landed");
 }
+
+#[test]
+fn retries_the_router_made_beyond_a_lease_grant_are_charged() {
+    // A route's own retry policy may retry more than Sluice granted: the
+    // budget counts what the router really did.
+    let mut proxy = Proxy::new(1, DEFAULT);
+    let (context, granted) = proxy.start(0);
+    assert_eq!(granted, 2);
+    proxy.finish(0, context, 5);
+    assert_eq!(proxy.level(), 88, "the lease's 12 tokens");
+    proxy.vms[0].tick();
+    assert_eq!(proxy.level(), 86, "two retries beyond the grant, charged");
+    proxy.clock.set(NOW + LEASE_MS);
+    proxy.vms[0].tick();
+    assert_eq!(
+        proxy.level(),
+        100 - 4,
+        "the lease back: the four retries made stay"
+    );
+}

@@ -45,6 +45,7 @@ fn main() {
                 total.rollbacks += stats.rollbacks;
                 total.budget_checks += stats.budget_checks;
                 total.lost_updates += stats.lost_updates;
+                total.leases += stats.leases;
             }
             Err(err) => {
                 failures += 1;

@@ -6,8 +6,10 @@
 //! Every decision is taken on the shared state; only its freshness is
 //! bounded per worker: a breaker another worker opened is seen within
 //! `BREAKER_CACHE_MS` or at this worker's first failure write, much as
-//! Envoy's own outlier detection reaches its workers, and held successes
-//! and settlements reach the others within a tick.
+//! Envoy's own outlier detection reaches its workers, and held successes,
+//! settlements and deposits reach the others within a tick. A worker's
+//! lease on a retry budget keeps at most an eighth of its spare tokens
+//! from the others, for at most `retry::LEASE_MS` and a tick.
 
 use super::host::{Host, MetricKind, Observed};
 use crate::breaker::{
@@ -93,7 +95,8 @@ pub struct RetryRuntime {
     pub withheld_unsafe: Counter,
     level: Gauge,
     pub last_dry_warning_ms: Cell<Option<u64>>,
-    /// Finished requests' reservations, written with the next reservation.
+    /// Finished requests' reservations (not settled with the current
+    /// lease), written with the next write.
     pub held: RefCell<Vec<Settlement>>,
     /// The worker's lease on the budget (`retry::Lease`): until a write
     /// gives it back, it takes back the unused retries of its requests.
