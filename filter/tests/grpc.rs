@@ -327,10 +327,9 @@ fn retried_grpc_attempts_count_as_failed_calls() {
     assert_eq!(vm.host.metric("sluice.echo.breaker.canary.trips"), Some(1));
 }
 
-/// Crossings of one request with the breaker on: gRPC reads
-/// `response.grpc_status` at the end instead of `:status` at the response
-/// headers, so it costs what plain HTTP costs, and plain HTTP costs what it
-/// did before gRPC was known.
+/// Crossings of one request with the breaker on: a gRPC call answered in
+/// its trailers reads `response.grpc_status` at the end instead of the
+/// response headers (`:status`), so it costs what plain HTTP costs.
 #[test]
 fn grpc_outcomes_cost_no_extra_crossing_and_http_pays_nothing_for_them() {
     let config = r#"{"services": [{"name": "echo", "stable": "echo_v1", "canary": "echo_v2",
