@@ -115,12 +115,19 @@ fn start(sluice: &Value, upstream: &Upstream) -> Envoy {
 
 /// The bootstrap for [`start`].
 fn yaml(sluice: &Value, upstream: &Upstream) -> String {
+    yaml_with(sluice, upstream, false)
+}
+
+/// [`yaml`], the virtual host setting `include_attempt_count_in_response`
+/// or not.
+fn yaml_with(sluice: &Value, upstream: &Upstream, attempt_count_in_response: bool) -> String {
     if let Err(message) = sluice_envoy::require_wasm() {
         panic!("{message}");
     }
     let yaml = EnvoyConfig::from_json(sluice)
         .upstream("shop_v1", upstream)
         .route_timeout(Duration::from_secs(10))
+        .include_attempt_count_in_response(attempt_count_in_response)
         .to_yaml();
     assert!(yaml.contains("    connect_timeout: 1s\n"), "{yaml}");
     assert!(yaml.contains("          codec_type: AUTO\n"), "{yaml}");
@@ -463,15 +470,7 @@ fn charged_with_forged_attempt_count(key: bool, route_writes: bool) -> (u64, u64
     if key {
         sluice["services"][0]["attempt_count_in_response"] = json!(true);
     }
-    let yaml = yaml(&sluice, &upstream);
-    let yaml = if route_writes {
-        yaml.replace(
-            "include_attempt_count_in_response: false",
-            "include_attempt_count_in_response: true",
-        )
-    } else {
-        yaml
-    };
+    let yaml = yaml_with(&sluice, &upstream, route_writes);
     assert!(yaml.contains(&format!(
         "include_attempt_count_in_response: {route_writes}"
     )));
