@@ -122,6 +122,24 @@ impl Traffic {
             response: response_headers(),
         }
     }
+
+    /// `realistic`, on a route that sets Envoy's
+    /// `include_attempt_count_in_response`: the response headers the filter
+    /// sees carry the router's `x-envoy-attempt-count: 1`.
+    fn realistic_with_attempt_count() -> Traffic {
+        let mut traffic = Traffic::realistic();
+        traffic
+            .response
+            .push(("x-envoy-attempt-count".to_string(), "1".to_string()));
+        traffic
+    }
+}
+
+/// The realistic config with `attempt_count_in_response` on its service.
+fn attempt_header_config() -> String {
+    let mut value: serde_json::Value = serde_json::from_str(REALISTIC_CONFIG).unwrap();
+    value["services"][0]["attempt_count_in_response"] = serde_json::Value::Bool(true);
+    value.to_string()
 }
 
 /// One request through a VM, as Envoy runs a proxied request: request
@@ -529,6 +547,10 @@ fn cases() -> Vec<(Module, Traffic)> {
         (
             sluice("sluice_headers", HEADERS_CONFIG),
             Traffic::realistic(),
+        ),
+        (
+            sluice("sluice_attempt_header", &attempt_header_config()),
+            Traffic::realistic_with_attempt_count(),
         ),
         (
             sluice("sluice_unmatched", REALISTIC_CONFIG),

@@ -76,6 +76,10 @@ impl Count {
 enum Answer {
     /// Response headers with this status after this many attempts.
     Response { status: u64, attempts: u64 },
+    /// A gRPC answer after one attempt: HTTP 200 headers, then this
+    /// `grpc-status` in the trailers, or (`trailers_only`) in the one
+    /// header block that ends the stream.
+    Grpc { code: u64, trailers_only: bool },
     /// No response headers: `on_log` with these response flags, the
     /// attempt count not reported.
     NoResponse { flags: u64 },
@@ -102,12 +106,33 @@ fn with(mut headers: Vec<(String, String)>, name: &str, value: &str) -> Vec<(Str
     headers
 }
 
+/// The realistic config with `attempt_count_in_response` on its service,
+/// for a route that sets Envoy's `include_attempt_count_in_response`.
+fn attempt_header_config() -> String {
+    let config = REALISTIC_CONFIG.replace(
+        r#""stable": "shop_v1","#,
+        r#""stable": "shop_v1", "attempt_count_in_response": true,"#,
+    );
+    assert_ne!(
+        config, REALISTIC_CONFIG,
+        "the variant config did not change"
+    );
+    config
+}
+
 impl Scene {
     /// Configured at `T0`; `warm` requests of users 0.. already served.
     fn new(warm: usize) -> Scene {
+        Scene::with_config(warm, REALISTIC_CONFIG, false)
+    }
+
+    /// `new` with `config`; `route_writes_count`: the route sets Envoy's
+    /// `include_attempt_count_in_response`.
+    fn with_config(warm: usize, config: &str, route_writes_count: bool) -> Scene {
         let clock = Rc::new(Cell::new(T0));
         let mut vm = Vm::new(Rc::new(FaultyStore::default()), Rc::clone(&clock), 7);
-        assert!(vm.configure(REALISTIC_CONFIG.as_bytes()), "config refused");
+        vm.route_writes_attempt_count = route_writes_count;
+        assert!(vm.configure(config.as_bytes()), "config refused");
         let mut scene = Scene {
             vm,
             clock,
@@ -169,6 +194,39 @@ impl Scene {
                     flags: 0,
                     attempts: Some(attempts),
                     grpc_status: None,
+                }
+            }
+            Answer::Grpc {
+                code,
+                trailers_only,
+            } => {
+                if action == HeadersAction::Continue {
+                    if trailers_only {
+                        let code = code.to_string();
+                        self.vm.respond_with(
+                            context,
+                            &[
+                                (":status", "200"),
+                                ("content-type", "application/grpc"),
+                                ("grpc-status", code.as_str()),
+                            ],
+                            Some(1),
+                            true,
+                        );
+                    } else {
+                        self.vm.respond_with(
+                            context,
+                            &[(":status", "200"), ("content-type", "application/grpc")],
+                            Some(1),
+                            false,
+                        );
+                    }
+                }
+                Ending {
+                    code: Some(200),
+                    flags: 0,
+                    attempts: Some(1),
+                    grpc_status: (!trailers_only).then_some(code),
                 }
             }
             Answer::NoResponse { flags } => Ending {
@@ -279,6 +337,22 @@ pub fn paths() -> Vec<Row> {
     let (count, state) = scene.serve_warm(&canary, &canary, OK);
     let path = "canary (rule `x-canary: always`), canary breaker verdict cached, 200";
     expect(&state, STEERING, Some("shop_v2"), path);
+    row(path, count);
+
+    // A retry granted and used: the first attempt failed, the second
+    // answered 200. Two calls, one failed: not a clean success, so the
+    // breaker is written at once.
+    let mut scene = Scene::new(100);
+    let (count, state) = scene.serve_warm(
+        &stable,
+        &stable,
+        Answer::Response {
+            status: 200,
+            attempts: 2,
+        },
+    );
+    let path = "retry granted and used: 200 after 2 attempts (not a clean success: breaker written at once)";
+    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
     row(path, count);
 
     // Retry denied: the budget drained by requests that used their retries
@@ -414,6 +488,71 @@ pub fn paths() -> Vec<Row> {
     let (count, _) = scene.serve(&unmatched, OK);
     row("unmatched host", count);
 
+    // gRPC (content-type application/grpc on the same service).
+    let grpc = with(stable.clone(), "content-type", "application/grpc");
+    let mut scene = Scene::new(100);
+    let (count, state) = scene.serve_warm(
+        &grpc,
+        &grpc,
+        Answer::Grpc {
+            code: 0,
+            trailers_only: false,
+        },
+    );
+    let path = "gRPC OK in the trailers (attempts at the response headers, `response.grpc_status` at the log, no flags)";
+    expect(&state, STEERING, Some("shop_v1"), path);
+    row(path, count);
+    let (count, _) = scene.serve_warm(
+        &grpc,
+        &grpc,
+        Answer::Grpc {
+            code: 14,
+            trailers_only: true,
+        },
+    );
+    row(
+        "gRPC trailers-only UNAVAILABLE (the code in the one header read, the attempts from the property; the failure written to the breaker at once)",
+        count,
+    );
+
+    // The service declares `attempt_count_in_response` and its route sets
+    // Envoy's `include_attempt_count_in_response`.
+    let config = attempt_header_config();
+    let mut scene = Scene::with_config(100, &config, true);
+    let (count, state) = scene.serve_warm(&stable, &stable, OK);
+    let path = "with `attempt_count_in_response` (route writes `x-envoy-attempt-count`): the common path, 200 after 1 attempt";
+    expect(&state, STEERING, Some("shop_v1"), path);
+    assert_eq!(
+        count.response, 1,
+        "{path}: one read at the response headers"
+    );
+    assert_eq!(count.end, 0, "{path}: nothing at the log");
+    row(path, count);
+    let (count, _) = scene.serve_warm(
+        &grpc,
+        &grpc,
+        Answer::Grpc {
+            code: 0,
+            trailers_only: false,
+        },
+    );
+    row(
+        "with `attempt_count_in_response`: gRPC OK in the trailers",
+        count,
+    );
+    let (count, _) = scene.serve_warm(
+        &grpc,
+        &grpc,
+        Answer::Grpc {
+            code: 0,
+            trailers_only: true,
+        },
+    );
+    row(
+        "with `attempt_count_in_response`: gRPC trailers-only OK (everything in the one header read)",
+        count,
+    );
+
     rows
 }
 
@@ -517,13 +656,19 @@ pub fn report() -> String {
     );
     md.push_str(
         "\nThe same workload counted in wasmtime on `sluice.wasm` (`wasmtime-crossings.md`, \
-         host calls module → host) gives the same split: 8.02, 2.00, 1.00 and 0.072 for the \
-         ticks, 11.09 in all.\n\n\
-         Reading the rows: the common path is one pairs read, one clock read, no budget \
-         call (the retries come from the worker's lease on the budget; its renewal, about \
-         once a second, and the deposits and held settlements written on the tick are in \
-         the ticks column) and five header replaces (the steering header and four retry \
-         headers) and one `clear_route_cache` at the request headers; the attempt count and `:status` at the response headers; the response flags at the log. \
+         host calls module → host) gives the same split: 10.02, 2.00, 0.00 and 0.072 for the \
+         ticks, 12.09 in all.\n\n\
+         Reading the rows: the common path is one pairs read, one clock read, one budget \
+         update (read + write, the worker's held settlements riding along) and five header \
+         replaces (the steering header and four retry headers) and one `clear_route_cache` \
+         at the request headers; one read of the response headers (`:status`) and the \
+         attempt count at the response headers; nothing at the log (a 2xx is a success \
+         without the response flags). With `attempt_count_in_response` the attempts come \
+         from the response headers too: one call at the response headers. The flags are read \
+         only when no status came (or one neither 2xx nor failing), and for gRPC after a code \
+         that is neither OK nor failing, or none. A trailers-only gRPC answer's code comes \
+         with the response headers; a code in the trailers is `response.grpc_status` at the \
+         log, and then the response headers are read only for the attempts, with the key. \
          A canary request reads the clock at the log only when its service has a rollout \
          (the gate books it). A request with no response headers reads the clock \
          twice at the log (its duration, then the breaker write).\n",

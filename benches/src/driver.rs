@@ -60,7 +60,7 @@ impl Prepared {
         for (name, value) in self.original.iter().skip(headers.len()) {
             headers.push((name.clone(), value.clone()));
         }
-        self.state.response_status = None;
+        self.state.response_headers = None;
         self.state.response_code = None;
         self.state.response_flags = None;
         self.state.attempts = None;
@@ -157,11 +157,14 @@ impl Driver {
         let action = self.worker.request_headers(&self.host, context);
         if action == HeadersAction::Continue {
             if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
-                stream.response_status = Some(status);
+                stream.response_headers = Some(vec![(
+                    ":status".to_string(),
+                    status.to_string().into_bytes(),
+                )]);
                 stream.response_code = Some(status);
                 stream.attempts = Some(attempts);
             }
-            self.worker.response_headers(&self.host, context);
+            self.worker.response_headers(&self.host, context, true);
         }
         if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
             if stream.response_code.is_none() {

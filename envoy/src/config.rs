@@ -52,6 +52,7 @@ pub struct EnvoyConfig {
     admin_port: u16,
     route_timeout: Duration,
     retry: Option<(String, u32)>,
+    include_attempt_count_in_response: bool,
     failure_policy: String,
     runtime: String,
     stats_tags: bool,
@@ -81,6 +82,7 @@ impl EnvoyConfig {
             admin_port: 0,
             route_timeout: Duration::from_secs(5),
             retry: None,
+            include_attempt_count_in_response: false,
             failure_policy: "FAIL_RELOAD".to_string(),
             runtime: "envoy.wasm.runtime.v8".to_string(),
             stats_tags: true,
@@ -146,6 +148,14 @@ impl EnvoyConfig {
     /// Add a retry policy to both routes.
     pub fn retry_policy(mut self, retry_on: &str, num_retries: u32) -> Self {
         self.retry = Some((retry_on.to_string(), num_retries));
+        self
+    }
+
+    /// The virtual host sets `include_attempt_count_in_response`: the router
+    /// writes `x-envoy-attempt-count` over every response's (default: off,
+    /// an upstream's header passes as sent).
+    pub fn include_attempt_count_in_response(mut self, on: bool) -> Self {
+        self.include_attempt_count_in_response = on;
         self
     }
 
@@ -265,6 +275,7 @@ admin:
             virtual_hosts:
             - name: sluice
               domains: ["*"]
+              include_attempt_count_in_response: {attempt_count}
               routes:
               - match:
                   prefix: "/"
@@ -286,6 +297,7 @@ admin:
             runtime = self.runtime,
             wasm = q(&self.wasm.to_string_lossy()),
             header = q(&header),
+            attempt_count = self.include_attempt_count_in_response,
             stats_tags = if self.stats_tags { STATS_TAGS_YAML } else { "" },
         );
         for c in &self.clusters {

@@ -69,6 +69,8 @@ struct Shared {
     hang: AtomicBool,
     /// An extra header on injected failures (e.g. `grpc-status`).
     fail_header: Mutex<Option<(String, String)>>,
+    /// An extra header on every response (e.g. a forged `x-envoy-*`).
+    response_header: Mutex<Option<(String, String)>>,
     // Counters.
     requests: AtomicU64,
     failed: AtomicU64,
@@ -110,6 +112,7 @@ impl Upstream {
             slow_seq: AtomicU64::new(0),
             hang: AtomicBool::new(false),
             fail_header: Mutex::new(None),
+            response_header: Mutex::new(None),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             fraction_seq: AtomicU64::new(0),
@@ -178,6 +181,14 @@ impl Upstream {
         }
     }
 
+    /// An extra header on every response, failed or not (`None`: none),
+    /// e.g. an `x-envoy-attempt-count` the upstream forges.
+    pub fn set_response_header(&self, header: Option<(&str, &str)>) {
+        if let Ok(mut slot) = self.shared.response_header.lock() {
+            *slot = header.map(|(name, value)| (name.to_string(), value.to_string()));
+        }
+    }
+
     /// Delay every response by `d`.
     pub fn set_delay(&self, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -211,6 +222,7 @@ impl Upstream {
         self.set_slow_rate(0.0, Duration::ZERO);
         self.set_hang(false);
         self.set_fail_header(None);
+        self.set_response_header(None);
     }
 
     // ---- observation -----------------------------------------------------
@@ -473,6 +485,9 @@ fn serve(stream: TcpStream, shared: &Shared, conn_id: u64) -> io::Result<()> {
             if let Some((name, value)) = shared.fail_header.lock().ok().and_then(|h| h.clone()) {
                 out.push_str(&format!("{name}: {value}\r\n"));
             }
+        }
+        if let Some((name, value)) = shared.response_header.lock().ok().and_then(|h| h.clone()) {
+            out.push_str(&format!("{name}: {value}\r\n"));
         }
         if close {
             out.push_str("connection: close\r\n");

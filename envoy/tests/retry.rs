@@ -115,12 +115,19 @@ fn start(sluice: &Value, upstream: &Upstream) -> Envoy {
 
 /// The bootstrap for [`start`].
 fn yaml(sluice: &Value, upstream: &Upstream) -> String {
+    yaml_with(sluice, upstream, false)
+}
+
+/// [`yaml`], the virtual host setting `include_attempt_count_in_response`
+/// or not.
+fn yaml_with(sluice: &Value, upstream: &Upstream, attempt_count_in_response: bool) -> String {
     if let Err(message) = sluice_envoy::require_wasm() {
         panic!("{message}");
     }
     let yaml = EnvoyConfig::from_json(sluice)
         .upstream("shop_v1", upstream)
         .route_timeout(Duration::from_secs(10))
+        .include_attempt_count_in_response(attempt_count_in_response)
         .to_yaml();
     assert!(yaml.contains("    connect_timeout: 1s\n"), "{yaml}");
     assert!(yaml.contains("          codec_type: AUTO\n"), "{yaml}");
@@ -457,6 +464,84 @@ fn the_attempt_count_is_final_when_the_response_headers_arrive() {
          budget level {level} (expected {expected})"
     );
     assert_eq!(level, expected, "charged what really happened");
+}
+
+/// Envoy with a budget that only charges (ratio 0, a window longer than
+/// the test: the level is the reserve, 10 × 60, minus the retries charged)
+/// for a service with `key` in front of an upstream that fails every second
+/// request and forges `x-envoy-attempt-count: 1` on every answer, the
+/// virtual host setting `include_attempt_count_in_response` or not. Sends
+/// 20 requests; returns the retries Envoy made, the budget level Sluice
+/// settled at, and the `x-envoy-attempt-count` clients saw.
+fn charged_with_forged_attempt_count(key: bool, route_writes: bool) -> (u64, u64, Vec<String>) {
+    let upstream = Upstream::start("forger").unwrap();
+    upstream.set_response_header(Some(("x-envoy-attempt-count", "1")));
+    let mut sluice = shop(json!({
+        "max_retries": 2,
+        "budget": {"ratio": 0, "min_per_s": 10, "window_s": 60}
+    }));
+    if key {
+        sluice["services"][0]["attempt_count_in_response"] = json!(true);
+    }
+    let yaml = yaml_with(&sluice, &upstream, route_writes);
+    assert!(yaml.contains(&format!(
+        "include_attempt_count_in_response: {route_writes}"
+    )));
+    let envoy =
+        Envoy::start_yaml(&yaml, &EnvoyOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut client = envoy.client().with_timeout(Duration::from_secs(10));
+    // The first request is the upstream's first (it succeeds); each one
+    // after fails its first attempt and succeeds on the retry.
+    upstream.set_fail_every(2);
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let response = client.get("shop.local", "/", &[]).unwrap();
+        assert_eq!(response.status, 200);
+        seen.push(
+            response
+                .header("x-envoy-attempt-count")
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    let used = stat(&envoy, "cluster.shop_v1.upstream_rq_retry");
+    assert!(used >= 19, "a retry each after the first: {used}");
+    let expected = 600 - used;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut level = metric(&envoy, "budget_level");
+    while level != expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        level = metric(&envoy, "budget_level");
+    }
+    eprintln!(
+        "key {key}, route writes the count {route_writes}: {used} retries, budget level {level} \
+         (expected {expected}), clients saw x-envoy-attempt-count {seen:?}"
+    );
+    (used, level, seen)
+}
+
+#[test]
+fn the_routers_attempt_count_in_the_response_is_believed_and_an_upstreams_is_not() {
+    // The virtual host sets include_attempt_count_in_response and the
+    // service says so: Envoy writes its own count over the upstream's
+    // forged 1, and Sluice reads the attempts from that header (no property
+    // read): every retry used is charged.
+    let (used, level, seen) = charged_with_forged_attempt_count(true, true);
+    assert_eq!(level, 600 - used, "charged what really happened");
+    assert_eq!(
+        seen.iter().filter(|count| *count == "2").count() as u64,
+        used
+    );
+    // Neither: the upstream's forged 1 reaches the filter and the client
+    // as sent, and is not believed (the property is read): still charged.
+    let (used, level, seen) = charged_with_forged_attempt_count(false, false);
+    assert_eq!(level, 600 - used, "a forged count refunded retries");
+    assert!(seen.iter().all(|count| count == "1"), "{seen:?}");
+    // The key on a virtual host that does not set the option (the
+    // misconfiguration the README warns of) shows that the header, not
+    // the property, is what Sluice read: the forged 1 refunds the retries.
+    let (used, level, _) = charged_with_forged_attempt_count(true, false);
+    assert!(level > 600 - used, "level {level}: the header was not read");
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //!   - `retry`: the retry budget and the retry headers;
 //!   - `breaker`: the circuit breakers;
 //!   - `failures`: which outcomes (HTTP statuses, gRPC codes) are failures;
+//!   - `response`: the status, gRPC code and attempt count the response
+//!     headers tell, each checked;
 //!   - `rollout`: the weight schedule and its rollback gate;
 //!   - `shared`: read-modify-write of process-wide state with CAS;
 //!   - `codec`, `decimal`: the byte encoding of shared state and the exact
@@ -33,6 +35,7 @@ pub mod device;
 pub mod engine;
 pub mod failures;
 pub mod pairs;
+pub mod response;
 pub mod retry;
 pub mod rollout;
 pub mod router;

@@ -92,6 +92,19 @@ impl<'a> HeaderPairs<'a> {
             .map(|(_, value)| value)
     }
 
+    /// The value of `name` when it appears exactly once; `None` when it is
+    /// absent or repeated (a repeated header the proxy would have written
+    /// once is not the proxy's).
+    pub fn only(&self, name: &str) -> Option<&'a [u8]> {
+        let key = name.as_bytes();
+        let mut values = self
+            .iter()
+            .filter(|(known, _)| same_name(known, key))
+            .map(|(_, value)| value);
+        let first = values.next()?;
+        values.next().is_none().then_some(first)
+    }
+
     /// Whether `name` is present at all.
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
@@ -146,6 +159,9 @@ mod tests {
         assert_eq!(pairs.get("x-bin"), Some(&[0xff, 0x00, 0x80][..]));
         assert!(pairs.contains("x-empty"));
         assert!(!pairs.contains("x-missing"));
+        assert_eq!(pairs.only(":authority"), Some(&b"shop.local"[..]));
+        assert_eq!(pairs.only("cookie"), None, "repeated");
+        assert_eq!(pairs.only("x-missing"), None);
     }
 
     #[test]

@@ -142,8 +142,11 @@ impl LocalReply {
 pub struct StreamState {
     /// The request headers, lower-case names, as the filter left them.
     pub request_headers: Vec<(String, Vec<u8>)>,
-    /// `:status` of the response headers.
-    pub response_status: Option<u64>,
+    /// The response headers as they reached the filter (`None`: none did,
+    /// e.g. a reset): the upstream's, with the router's
+    /// `x-envoy-attempt-count` written over them when the route asks for it
+    /// (`Vm::route_writes_attempt_count`).
+    pub response_headers: Option<Vec<(String, Vec<u8>)>>,
     /// The `response.code` property.
     pub response_code: Option<u64>,
     /// The `response.flags` property.
@@ -166,6 +169,15 @@ impl StreamState {
     /// The first value of a request header.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.request_headers
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, value)| value.as_slice())
+    }
+
+    /// The first value of a response header.
+    pub fn response_header(&self, name: &str) -> Option<&[u8]> {
+        self.response_headers
+            .as_ref()?
             .iter()
             .find(|(known, _)| known == name)
             .map(|(_, value)| value.as_slice())
@@ -345,9 +357,19 @@ impl Host for FakeHost {
         self.offers_clear_route_cache.get()
     }
 
-    fn response_status(&self) -> Option<u64> {
+    fn response_header_pairs(&self) -> Vec<u8> {
         self.cross();
-        self.with_stream(|stream| stream.response_status)
+        self.with_stream(|stream| {
+            // Envoy serialises an unavailable map as nothing at all.
+            let Some(headers) = &stream.response_headers else {
+                return Vec::new();
+            };
+            let pairs: Vec<(&[u8], &[u8])> = headers
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), value.as_slice()))
+                .collect();
+            crate::pairs::serialize(&pairs)
+        })
     }
 
     fn integer_property(&self, property: Property) -> Option<u64> {
@@ -468,6 +490,11 @@ pub struct Ending {
 pub struct Vm {
     pub worker: Worker,
     pub host: FakeHost,
+    /// The route sets Envoy's `include_attempt_count_in_response`: the
+    /// router writes `x-envoy-attempt-count` over whatever the upstream
+    /// sent. Off (Envoy's default), an upstream's own header reaches the
+    /// filter as sent.
+    pub route_writes_attempt_count: bool,
     next_context: u32,
 }
 
@@ -479,6 +506,7 @@ impl Vm {
         Vm {
             worker,
             host: FakeHost::new(store, clock, seed),
+            route_writes_attempt_count: false,
             next_context: ROOT_CONTEXT + 1,
         }
     }
@@ -515,16 +543,65 @@ impl Vm {
         (context, action)
     }
 
-    /// `on_response_headers` with this `:status`, after the router made
-    /// `attempts` attempts (`None`: the property is not reported).
+    /// `on_response_headers` with this `:status` (more to come: a body,
+    /// trailers), after the router made `attempts` attempts (`None`: the
+    /// property is not reported).
     pub fn respond(&mut self, context: u32, status: u64, attempts: Option<u64>) {
+        let status = status.to_string();
+        self.respond_with(context, &[(":status", status.as_str())], attempts, false);
+    }
+
+    /// `on_response_headers` with the headers the upstream sent (`:status`
+    /// among them), after the router made `attempts` attempts.
+    /// `end_of_stream`: the block ends the response (for gRPC, a
+    /// trailers-only answer). As in Envoy, `response.code` follows
+    /// `:status`, and a trailers-only `grpc-status` is what
+    /// `response.grpc_status` reports (-1, `InvalidCode`, when it is not a
+    /// number 0-16). The router writes `x-envoy-attempt-count` over the
+    /// upstream's only when `route_writes_attempt_count`.
+    pub fn respond_with<N: AsRef<str>, V: AsRef<[u8]>>(
+        &mut self,
+        context: u32,
+        upstream: &[(N, V)],
+        attempts: Option<u64>,
+        end_of_stream: bool,
+    ) {
         self.host.current.set(context);
-        if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
-            stream.response_status = Some(status);
-            stream.response_code = Some(status);
-            stream.attempts = attempts;
+        let mut headers: Vec<(String, Vec<u8>)> = upstream
+            .iter()
+            .map(|(name, value)| (name.as_ref().to_string(), value.as_ref().to_vec()))
+            .collect();
+        if self.route_writes_attempt_count {
+            headers.retain(|(name, _)| name != crate::response::ATTEMPT_COUNT_HEADER);
+            if let Some(attempts) = attempts {
+                headers.push((
+                    crate::response::ATTEMPT_COUNT_HEADER.to_string(),
+                    attempts.to_string().into_bytes(),
+                ));
+            }
         }
-        self.worker.response_headers(&self.host, context);
+        let number = |name: &str| {
+            headers
+                .iter()
+                .find(|(known, _)| known == name)
+                .map(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+        };
+        let code = number(":status").flatten();
+        let grpc_status = if end_of_stream {
+            number("grpc-status").map(|code| code.filter(|code| *code <= 16).unwrap_or(u64::MAX))
+        } else {
+            None
+        };
+        if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
+            stream.response_code = code;
+            stream.attempts = attempts;
+            if grpc_status.is_some() {
+                stream.grpc_status = grpc_status;
+            }
+            stream.response_headers = Some(headers);
+        }
+        self.worker
+            .response_headers(&self.host, context, end_of_stream);
     }
 
     /// `on_log` then `on_delete`. Facts the response headers already gave
@@ -532,7 +609,7 @@ impl Vm {
     pub fn end(&mut self, context: u32, ending: Ending) {
         self.host.current.set(context);
         if let Some(stream) = self.host.streams.borrow_mut().get_mut(&context) {
-            if stream.response_status.is_none() {
+            if stream.response_headers.is_none() {
                 stream.response_code = ending.code;
                 stream.attempts = ending.attempts;
             }
@@ -593,6 +670,41 @@ impl Vm {
                 flags: 0,
                 attempts: Some(attempts),
                 grpc_status: Some(grpc_status),
+            }
+        } else {
+            Ending::default()
+        };
+        self.end(context, ending);
+        self.forget(context)
+    }
+
+    /// A whole gRPC call answered trailers-only: one header block (HTTP
+    /// 200, `grpc-status`, end of stream) after `attempts` attempts, then
+    /// the log. Returns the stream as the host saw it.
+    pub fn grpc_trailers_only<N: AsRef<str>, V: AsRef<[u8]>>(
+        &mut self,
+        headers: &[(N, V)],
+        grpc_status: u64,
+        attempts: u64,
+    ) -> StreamState {
+        let (context, action) = self.request(headers);
+        let ending = if action == HeadersAction::Continue {
+            let code = grpc_status.to_string();
+            self.respond_with(
+                context,
+                &[
+                    (":status", "200"),
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", code.as_str()),
+                ],
+                Some(attempts),
+                true,
+            );
+            Ending {
+                code: Some(200),
+                flags: 0,
+                attempts: Some(attempts),
+                grpc_status: None,
             }
         } else {
             Ending::default()

@@ -307,7 +307,8 @@ impl Knobs {
                     "rules": [{{"header": "x-canary", "equals": "always", "to": "canary"}},
                               {{"header": "x-tenant", "present": true, "weight": {rule_weight}}}],
                     "retry": {retry}, "breaker": {breaker}, "rollout": {}}},
-                  {{"name": "api", "stable": "api_v1", "retry": {{"max_retries": {}}}, "breaker": {breaker}}}]}}"#,
+                  {{"name": "api", "stable": "api_v1", "retry": {{"max_retries": {}}}, "breaker": {breaker},
+                    "attempt_count_in_response": true}}]}}"#,
                 u16::from(self.cluster_suffix % 4) + 2,
                 self.rollout_json(),
                 self.max_retries % 11
@@ -1159,7 +1160,12 @@ impl Sim {
         let vms = (0..count)
             .map(|worker| {
                 let seed = mix(scenario.seed ^ worker as u64);
-                Vm::new(Rc::clone(&store), Rc::clone(&clock), seed)
+                let mut vm = Vm::new(Rc::clone(&store), Rc::clone(&clock), seed);
+                // The routes set Envoy's include_attempt_count_in_response:
+                // the router's count reaches every response, and the `api`
+                // service, which declares it, takes its attempts from it.
+                vm.route_writes_attempt_count = true;
+                vm
             })
             .collect();
         let mut sim = Sim {

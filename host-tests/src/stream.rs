@@ -326,6 +326,21 @@ impl Stream {
         );
     }
 
+    /// The stream's route sets Envoy's `include_attempt_count_in_response`:
+    /// the router writes `x-envoy-attempt-count` (the attempt count, see
+    /// [`set_attempt_count`](Self::set_attempt_count)) over whatever the
+    /// upstream sent, on upstream responses and on its own replies. Without
+    /// it an upstream's `x-envoy-attempt-count` reaches the filter as sent.
+    pub fn include_attempt_count_in_response(&self) {
+        self.write(|h| {
+            assert!(
+                !h.response_facts_fixed,
+                "include_attempt_count_in_response() after the response headers"
+            );
+            h.include_attempt_count_in_response = true;
+        });
+    }
+
     /// `request.duration` (CEL duration: i64 nanoseconds).
     pub fn set_request_duration(&self, duration: Duration) {
         self.set_property(&["request", "duration"], PropertyValue::Duration(duration));

@@ -168,6 +168,34 @@ pub(crate) struct HttpCtx {
     pub(crate) response_facts_fixed: bool,
     /// `proxy_on_log` ran: nothing about the stream may change any more.
     pub(crate) logged: bool,
+    /// The route sets `include_attempt_count_in_response`: Envoy's router
+    /// writes `x-envoy-attempt-count` over the upstream's response headers
+    /// and on its own replies (its `modify_headers_`). Off (Envoy's
+    /// default), an upstream's header of that name passes as sent.
+    pub(crate) include_attempt_count_in_response: bool,
+}
+
+impl HttpCtx {
+    /// The router's attempt count, as `upstream.request_attempt_count`
+    /// reports it (a test's `set_attempt_count`, else 1 once forwarded).
+    fn attempt_count(&self) -> u64 {
+        match self
+            .attributes
+            .get(&path_key(&["upstream", "request_attempt_count"]))
+        {
+            Some(PropertyValue::Uint(attempts)) => *attempts,
+            _ => u64::from(self.forwarded),
+        }
+    }
+
+    /// Router's `modify_headers_`: the attempt count on a response, when
+    /// the route asks for it and an attempt was made.
+    fn write_attempt_count(&self, headers: &mut HeaderMap) {
+        let attempts = self.attempt_count();
+        if self.include_attempt_count_in_response && attempts > 0 {
+            headers.replace("x-envoy-attempt-count", attempts.to_string());
+        }
+    }
 }
 
 pub(crate) enum CtxKind {
@@ -1129,7 +1157,10 @@ impl VmInner {
                 b"upstream connect error or disconnect/reset before headers",
             )
         };
-        let reply = LocalReply::new(status, details, body, Vec::new(), -1);
+        let h = self.http_mut(id);
+        let mut extra = HeaderMap::new(HeaderMapKind::ResponseHeaders);
+        h.write_attempt_count(&mut extra);
+        let reply = LocalReply::new(status, details, body, extra.raw_pairs().to_vec(), -1);
         self.send_local_reply(id, reply);
     }
 
@@ -1192,10 +1223,12 @@ impl VmInner {
             h.attributes
                 .insert(path_key(&["response", "code"]), PropertyValue::Int(code));
         }
+        h.forwarded = true;
+        let mut map = map;
+        h.write_attempt_count(&mut map);
         let n = map.len();
         h.response_headers = Some(map);
         h.response_started = true;
-        h.forwarded = true;
         h.response_facts_fixed = true;
         if !h.created || h.failure_reply_sent {
             return Action::Continue;
@@ -1852,6 +1885,7 @@ impl HttpCtx {
             forwarded: false,
             response_facts_fixed: false,
             logged: false,
+            include_attempt_count_in_response: false,
         }
     }
 }

@@ -344,8 +344,8 @@ fn connection_failures_resets_and_timeouts_count_but_clients_going_away_do_not()
         );
     }
     // Upstream connection failure, remote reset, timeout, and a connection
-    // terminated after a 200 had started.
-    for (i, (status, flags)) in [(503, UF), (503, UR), (504, UT), (200, UC)]
+    // terminated before any response (Envoy answers 503 for each).
+    for (i, (status, flags)) in [(503, UF), (503, UR), (504, UT), (503, UC)]
         .into_iter()
         .enumerate()
     {
@@ -359,6 +359,25 @@ fn connection_failures_resets_and_timeouts_count_but_clients_going_away_do_not()
     assert_eq!(rig.counter("sluice.shop.breaker.stable.trips"), 1);
     assert!(rig.breaker_log()[0].contains("closed -> open: 5 consecutive failures"));
     assert!(send(rig.w(0), STABLE, 200).is_rejected());
+}
+
+#[test]
+fn a_2xx_is_a_success_even_if_the_upstream_then_cuts_its_body() {
+    // The documented trade (README, Failures): a 2xx is booked at its
+    // headers without reading the response flags, so a body the upstream
+    // cuts (UC) is not seen, as Envoy's outlier detection does not see it.
+    let rig = Rig::new(SHOP);
+    for i in 0..4 {
+        begin(rig.w(i), STABLE).answer_with(503, 1, 0);
+    }
+    begin(rig.w(0), STABLE).answer_with(200, 1, UC);
+    // The 200 broke the run: four more failures do not trip, a fifth does.
+    for i in 0..4 {
+        begin(rig.w(i), STABLE).answer_with(503, 1, 0);
+    }
+    assert_eq!(rig.counter("sluice.shop.breaker.stable.trips"), 0);
+    begin(rig.w(0), STABLE).answer_with(503, 1, 0);
+    assert_eq!(rig.counter("sluice.shop.breaker.stable.trips"), 1);
 }
 
 #[test]
@@ -824,4 +843,104 @@ fn with_both_breakers_open_canary_users_fail_fast_too() {
     }
     assert_eq!(rig.counter("sluice.shop.breaker.canary.rejected"), 4);
     assert_eq!(rig.counter("sluice.shop.breaker.stable.rejected"), 1 + 8);
+}
+
+/// `SHOP` with `attempt_count_in_response` (its routes set Envoy's
+/// `include_attempt_count_in_response`).
+fn shop_with_attempt_header() -> String {
+    SHOP.replace(
+        r#""stable": "shop_v1","#,
+        r#""attempt_count_in_response": true, "stable": "shop_v1","#,
+    )
+}
+
+/// Seven requests, each a 200 after `attempts` attempts (2 retries: 21
+/// calls, 14 failed, a failure rate of 0.67 once past `min_requests`),
+/// with the response headers the upstream sent; whether stable's breaker
+/// tripped.
+fn trips_after_retried_successes(
+    rig: &Rig,
+    route_writes_count: bool,
+    upstream: &[(&str, &str)],
+) -> bool {
+    for i in 0..7 {
+        let call = begin(rig.w(i), STABLE);
+        assert!(call.local.is_none());
+        if route_writes_count {
+            call.stream.include_attempt_count_in_response();
+        }
+        call.stream.set_attempt_count(3);
+        let mut headers = vec![(":status", "200")];
+        headers.extend_from_slice(upstream);
+        call.stream.response_headers(&headers, true);
+        call.stream.finish();
+        assert!(rig.w(i).trapped().is_none());
+    }
+    rig.counter("sluice.shop.breaker.stable.trips") > 0
+}
+
+#[test]
+fn attempts_are_taken_from_the_response_only_when_the_route_writes_them() {
+    // The route writes the router's count over the upstream's forgery:
+    // every retried attempt counts, read from the one header read.
+    let rig = Rig::new(&shop_with_attempt_header());
+    assert!(trips_after_retried_successes(
+        &rig,
+        true,
+        &[("x-envoy-attempt-count", "1")]
+    ));
+    assert_eq!(
+        rig.proxy.counter("sluice.shop.breaker.stable.trips"),
+        Some(1)
+    );
+    // Without the key an upstream's own header is not believed: the
+    // property says three attempts.
+    let rig = Rig::new(SHOP);
+    assert!(trips_after_retried_successes(
+        &rig,
+        false,
+        &[("x-envoy-attempt-count", "1")]
+    ));
+    // The key without the route option (a misconfiguration): hostile
+    // values are not believed either, the property is read instead.
+    for forged in ["0", "1,1", "99", "one", ""] {
+        let rig = Rig::new(&shop_with_attempt_header());
+        assert!(
+            trips_after_retried_successes(&rig, false, &[("x-envoy-attempt-count", forged)]),
+            "{forged:?}"
+        );
+    }
+    let rig = Rig::new(&shop_with_attempt_header());
+    assert!(trips_after_retried_successes(
+        &rig,
+        false,
+        &[
+            ("x-envoy-attempt-count", "1"),
+            ("x-envoy-attempt-count", "1")
+        ]
+    ));
+}
+
+#[test]
+fn a_believed_attempt_header_is_what_the_breaker_books() {
+    // The key, and a route that writes the count: the upstream claims 3
+    // attempts, the router says 1 (it made one), and one attempt is booked
+    // per request: 7 clean successes never trip.
+    let rig = Rig::new(&shop_with_attempt_header());
+    for i in 0..7 {
+        let call = begin(rig.w(i), STABLE);
+        call.stream.include_attempt_count_in_response();
+        call.stream.set_attempt_count(1);
+        call.stream
+            .response_headers(&[(":status", "200"), ("x-envoy-attempt-count", "3")], true);
+        assert_eq!(
+            call.stream
+                .response_header("x-envoy-attempt-count")
+                .as_deref(),
+            Some("1"),
+            "the router overwrites the upstream's header"
+        );
+        call.stream.finish();
+    }
+    assert_eq!(rig.counter("sluice.shop.breaker.stable.trips"), 0);
 }

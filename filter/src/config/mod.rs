@@ -75,6 +75,12 @@ pub struct Service {
     /// gate (`failures` block; default: 5xx, and the server-side gRPC
     /// codes).
     pub failures: Failures,
+    /// The service's routes set Envoy's `include_attempt_count_in_response`,
+    /// so the router overwrites `x-envoy-attempt-count` on every response
+    /// and the engine may take the attempts from it (one read of the
+    /// response headers instead of a property read). Without it the header
+    /// is whatever the upstream sent, and is never believed.
+    pub attempt_count_in_response: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -39,6 +39,7 @@ pub(super) struct Service {
     pub breaker: Opt<Obj<Breaker>>,
     pub rollout: Opt<Obj<Rollout>>,
     pub failures: Opt<Obj<Failures>>,
+    pub attempt_count_in_response: Opt<Flag>,
 }
 
 #[derive(Default, Deserialize)]

@@ -448,6 +448,10 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         }
         None => None,
     };
+    let attempt_count_in_response = raw
+        .attempt_count_in_response
+        .0
+        .is_some_and(|Flag(flag)| flag);
     Ok(Service {
         name,
         matcher,
@@ -461,6 +465,7 @@ fn service(raw: raw::Service, path: &str) -> Result<Service> {
         breaker,
         rollout,
         failures,
+        attempt_count_in_response,
     })
 }
 

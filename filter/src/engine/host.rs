@@ -99,8 +99,12 @@ pub trait Host: SharedStore {
     /// the host does not offer it (NotFound, Unimplemented); the engine then
     /// never asks again in this VM. True otherwise, whatever it answered.
     fn clear_route_cache(&self) -> bool;
-    /// The response's `:status`, from the response headers.
-    fn response_status(&self) -> Option<u64>;
+    /// Every response header in the ABI's map encoding, read in place by
+    /// `crate::pairs::HeaderPairs`: the status, a trailers-only gRPC
+    /// answer's `grpc-status` and the router's `x-envoy-attempt-count` in
+    /// one crossing (and its allocation) instead of one each. Empty when the
+    /// host has no response headers.
+    fn response_header_pairs(&self) -> Vec<u8>;
     /// An integer stream property.
     fn integer_property(&self, property: Property) -> Option<u64>;
     /// Answers the request locally; the request goes no further. With a

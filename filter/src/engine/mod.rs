@@ -27,12 +27,17 @@
 //!   at once;
 //! - no metric call: counters add up in the VM and reach the host on the
 //!   tick;
-//! - at the end, the status, the attempts and the response flags, each
-//!   only when an outcome is booked. For a gRPC request (`content-type`
-//!   `application/grpc...`, seen in the request-header buffer already read)
-//!   the status is `response.grpc_status`, read at the end instead of
-//!   `:status` at the response headers: the same number of crossings, and
-//!   none added to plain HTTP requests.
+//! - at the response headers, only when an outcome is booked or retries
+//!   are to be settled, one read of the response headers (`:status`, a
+//!   trailers-only gRPC answer's `grpc-status`, and `x-envoy-attempt-count`
+//!   when the service's routes write it), and the attempts property when
+//!   they do not;
+//! - at the end, the response flags only where they can change the
+//!   outcome (no status, or one neither 2xx nor failing), and for a gRPC
+//!   request (`content-type` `application/grpc...`, seen in the
+//!   request-header buffer already read) `response.grpc_status` unless a
+//!   trailers-only answer gave it, the flags only after a code that is
+//!   neither OK nor failing, or none.
 
 mod host;
 mod runtime;
@@ -99,10 +104,14 @@ struct Exchange {
     /// ended DEADLINE_EXCEEDED.
     grpc_deadline_ms: Option<u64>,
     /// The response status and the attempts, read with the response
-    /// headers (the router retries no more once it passes them on). Not
-    /// read for gRPC, whose outcome comes at the end (trailers).
+    /// headers (the router retries no more once it passes them on). The
+    /// status is not read for gRPC, whose outcome comes at the end
+    /// (trailers).
     status: Option<u64>,
     attempts: Option<u64>,
+    /// A gRPC call's final code from a trailers-only answer's header
+    /// block: known at the response headers, no property read at the end.
+    grpc_code: Option<u64>,
 }
 
 struct Stream {
@@ -305,7 +314,15 @@ impl Worker {
     }
 
     /// `proxy_on_response_headers`: the router is done with the request.
-    pub fn response_headers(&mut self, host: &impl Host, context_id: u32) {
+    /// `end_of_stream`: the header block ends the response (for gRPC, a
+    /// trailers-only answer, whose `grpc-status` is the call's final code).
+    ///
+    /// At most one read of the response headers gives what is needed: the
+    /// status when an outcome is booked, a trailers-only answer's gRPC
+    /// code, and the attempts when the service's routes write
+    /// `x-envoy-attempt-count` (`attempt_count_in_response`). The attempts
+    /// are otherwise `upstream.request_attempt_count`, a property read.
+    pub fn response_headers(&mut self, host: &impl Host, context_id: u32, end_of_stream: bool) {
         let Some(exchange) = self
             .streams
             .get_mut(&context_id)
@@ -321,25 +338,43 @@ impl Worker {
             return;
         };
         let booked = books_outcome(service, runtime, exchange.side);
+        let granted = exchange
+            .reservation
+            .is_some_and(|reservation| reservation.granted > 0);
+        if !booked && !granted {
+            return;
+        }
+        let trusted = service.attempt_count_in_response;
+        // A gRPC call's code comes with its trailers, asked for at the end:
+        // its header block is worth reading only when it ends the call, or
+        // for the attempts.
+        let wants_outcome = booked && (!exchange.grpc || end_of_stream);
+        let buffer = if wants_outcome || trusted {
+            host.response_header_pairs()
+        } else {
+            Vec::new()
+        };
+        let pairs = HeaderPairs::new(&buffer);
+        let attempts = trusted
+            .then(|| crate::response::attempt_count(&pairs))
+            .flatten()
+            .or_else(|| host.integer_property(Property::AttemptCount));
+        exchange.attempts = attempts;
         // Unused retries go back to the budget now, not at the end of a
         // stream that may live for minutes.
         if let Some(reservation) = exchange.reservation.take().filter(|r| r.granted > 0) {
-            exchange.attempts = host.integer_property(Property::AttemptCount);
             active.settle(
                 host,
                 service,
                 runtime,
                 Settlement {
                     reservation,
-                    attempts_made: exchange.attempts,
+                    attempts_made: attempts,
                 },
             );
         }
         if !booked {
             return;
-        }
-        if exchange.attempts.is_none() {
-            exchange.attempts = host.integer_property(Property::AttemptCount);
         }
         // Slowness is judged to the response headers: a long download is
         // not a slow upstream.
@@ -352,9 +387,12 @@ impl Worker {
         } else {
             exchange.responded_ms = Some(exchange.started_ms);
         }
-        // A gRPC call's outcome is in its trailers: asked for at the end.
-        if !exchange.grpc {
-            exchange.status = host.response_status();
+        if exchange.grpc {
+            if end_of_stream {
+                exchange.grpc_code = crate::response::grpc_status(&pairs);
+            }
+        } else {
+            exchange.status = crate::response::status(&pairs);
         }
     }
 
@@ -456,6 +494,7 @@ fn route(
         grpc_deadline_ms: None,
         status: None,
         attempts: None,
+        grpc_code: None,
     };
     if crate::failures::is_grpc_content_type(pairs.get("content-type")) {
         exchange.grpc = true;
@@ -569,14 +608,21 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
             // Envoy's `response.grpc_status`: the trailers' `grpc-status`,
             // else the trailers-only header block's, else inferred from the
             // HTTP status; absent only when nothing was answered (a reset).
-            let mut code = host.integer_property(Property::GrpcStatus);
+            // A trailers-only answer's code was read with its headers.
+            let mut code = exchange
+                .grpc_code
+                .or_else(|| host.integer_property(Property::GrpcStatus));
             // UNKNOWN may be Envoy's inference for a 200 without any
             // grpc-status: the flags tell whether the client cut it off.
             let unknown = code == Some(GRPC_UNKNOWN);
             let code_failed = code.is_some_and(|code| service.failures.grpc_code_fails(code));
-            // An upstream failure flag counts whatever the code (a reset
-            // is answered by Envoy with UNAVAILABLE, a timeout too).
-            let flags = if code_failed && !unknown {
+            // Flags only where they can change the outcome: not after OK
+            // (the call completed with its trailers) nor after a failing
+            // code (failed already). After any other code an upstream
+            // failure flag counts whatever the code (a reset is answered by
+            // Envoy with UNAVAILABLE, a timeout too); with no code, or
+            // UNKNOWN, they tell a reset from a client gone.
+            let flags = if code == Some(0) || (code_failed && !unknown) {
                 0
             } else {
                 host.integer_property(Property::ResponseFlags).unwrap_or(0)
@@ -609,14 +655,21 @@ fn finish(host: &impl Host, exchange: Exchange, current: bool) {
                 .status
                 .or_else(|| host.integer_property(Property::ResponseCode))
                 .unwrap_or(0);
-            // Flags are read even after a good status: a 200 whose
-            // connection the upstream cut mid-body (UC) failed the client
-            // all the same. A failing status has failed already.
-            let flags = if service.failures.http_status_fails(status) {
-                0
-            } else {
-                host.integer_property(Property::ResponseFlags).unwrap_or(0)
-            };
+            // Flags only where they can change the outcome. A failing
+            // status has failed already. A 2xx is a success without them:
+            // a 2xx whose body the upstream then cuts (flag UC) is not
+            // seen, as Envoy's outlier detection does not see it either,
+            // and two crossings are saved on every request. With no
+            // status they tell a reset or a timeout from a client gone;
+            // after any other status (an Envoy 504 of a timeout that the
+            // service's `http_statuses` leave out) an upstream failure
+            // flag still counts.
+            let flags =
+                if service.failures.http_status_fails(status) || (200..300).contains(&status) {
+                    0
+                } else {
+                    host.integer_property(Property::ResponseFlags).unwrap_or(0)
+                };
             (status != 0, service.failures.http_failed(status, flags))
         };
         let attempts = attempts.unwrap_or(1);

@@ -50,13 +50,6 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
-    fn proxy_get_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -180,13 +173,14 @@ pub fn plugin_configuration() -> Vec<u8> {
     }
 }
 
-/// Every request header, serialised by the host: one call instead of one
-/// per header, and parsed in place by `HeaderPairs` without copying.
-pub fn request_header_pairs() -> Vec<u8> {
+/// Every header of a map, serialised by the host: one call instead of one
+/// per header, and parsed in place by `HeaderPairs` without copying. Empty
+/// when the map is not available.
+fn header_pairs(map_type: u32) -> Vec<u8> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: as in `plugin_configuration`.
-    let status = unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) };
+    let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
     let buffer = take_buffer(data, size);
     if status == OK {
         buffer
@@ -195,32 +189,16 @@ pub fn request_header_pairs() -> Vec<u8> {
     }
 }
 
-/// The response's `:status`, from the response headers: cheaper than the
-/// `response.code` property, which Envoy evaluates as an attribute
-/// expression.
-pub fn response_status() -> Option<u64> {
-    let mut data: *mut u8 = null_mut();
-    let mut size: usize = 0;
-    let key = b":status";
-    // SAFETY: as in `plugin_configuration`.
-    let status = unsafe {
-        proxy_get_header_map_value(
-            RESPONSE_HEADERS,
-            key.as_ptr(),
-            key.len(),
-            &mut data,
-            &mut size,
-        )
-    };
-    let value = take_buffer(data, size);
-    if status != OK || value.is_empty() || value.len() > 3 {
-        return None;
-    }
-    value.iter().try_fold(0u64, |acc, &digit| {
-        digit
-            .is_ascii_digit()
-            .then(|| acc * 10 + u64::from(digit - b'0'))
-    })
+/// Every request header (see `header_pairs`).
+pub fn request_header_pairs() -> Vec<u8> {
+    header_pairs(REQUEST_HEADERS)
+}
+
+/// Every response header (see `header_pairs`): `:status`, `grpc-status` and
+/// `x-envoy-attempt-count` in one call, where reading each would cost a
+/// call and an allocation.
+pub fn response_header_pairs() -> Vec<u8> {
+    header_pairs(RESPONSE_HEADERS)
 }
 
 /// Sets a request header to one value (replacing every existing one).

@@ -104,9 +104,9 @@ pub extern "C" fn proxy_on_request_headers(
 pub extern "C" fn proxy_on_response_headers(
     context_id: u32,
     _num_headers: usize,
-    _end_of_stream: u32,
+    end_of_stream: u32,
 ) -> u32 {
-    with_worker(|worker| worker.response_headers(&Envoy, context_id));
+    with_worker(|worker| worker.response_headers(&Envoy, context_id, end_of_stream != 0));
     0
 }
 
@@ -186,8 +186,8 @@ impl Host for Envoy {
         hostcalls::clear_route_cache()
     }
 
-    fn response_status(&self) -> Option<u64> {
-        hostcalls::response_status()
+    fn response_header_pairs(&self) -> Vec<u8> {
+        hostcalls::response_header_pairs()
     }
 
     fn integer_property(&self, property: Property) -> Option<u64> {
