@@ -11,7 +11,7 @@
 //! scenario asserts what the engine did (cluster chosen, retries granted,
 //! local reply) before its count is reported.
 
-use crate::workload::{request_headers, user, REALISTIC_CONFIG, USERS};
+use crate::workload::{request_headers, user, HEADERS_CONFIG, REALISTIC_CONFIG, USERS};
 use sluice::breaker::UPSTREAM_FAILURE_FLAGS;
 use sluice::engine::{HeadersAction, BREAKER_CACHE_MS, BREAKER_HEADER, TICK_MS};
 use sluice::retry::{GRPC_TIMEOUT_HEADER, HEDGE_HEADER, MAX_RETRIES_HEADER, TIMEOUT_HEADER};
@@ -106,24 +106,24 @@ fn with(mut headers: Vec<(String, String)>, name: &str, value: &str) -> Vec<(Str
     headers
 }
 
-/// The realistic config with `attempt_count_in_response` on its service,
-/// for a route that sets Envoy's `include_attempt_count_in_response`.
-fn attempt_header_config() -> String {
-    let config = REALISTIC_CONFIG.replace(
-        r#""stable": "shop_v1","#,
-        r#""stable": "shop_v1", "attempt_count_in_response": true,"#,
-    );
-    assert_ne!(
-        config, REALISTIC_CONFIG,
-        "the variant config did not change"
-    );
-    config
+/// The realistic config with `change` applied to its service (a variant
+/// row of the table).
+fn variant(change: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut value: serde_json::Value =
+        serde_json::from_str(REALISTIC_CONFIG).expect("the realistic config is JSON");
+    let service = value["services"][0]
+        .as_object_mut()
+        .expect("the realistic config has a service");
+    change(service);
+    value.to_string()
 }
 
 impl Scene {
     /// Configured at `T0`; `warm` requests of users 0.. already served.
     fn new(warm: usize) -> Scene {
-        Scene::with_config(warm, REALISTIC_CONFIG, false)
+        // The bench routes set Envoy's `include_attempt_count_in_response`,
+        // as the realistic config's `attempt_count_in_response` says.
+        Scene::with_config(warm, REALISTIC_CONFIG, true)
     }
 
     /// `new` with `config`; `route_writes_count`: the route sets Envoy's
@@ -263,8 +263,9 @@ impl Scene {
     }
 }
 
-/// A sticky user the realistic split sends to `cluster`.
-fn user_routed_to(cluster: &str) -> Vec<(String, String)> {
+/// A sticky user the realistic split sends to `cluster` (`None`: kept on
+/// stable, the route table's default, with no steering header).
+fn user_routed_to(cluster: Option<&str>) -> Vec<(String, String)> {
     let mut scene = Scene::new(0);
     for n in 0..USERS {
         let headers = request_headers(&user(n));
@@ -275,11 +276,11 @@ fn user_routed_to(cluster: &str) -> Vec<(String, String)> {
                 attempts: 1,
             },
         );
-        if header(&state, STEERING).as_deref() == Some(cluster) {
+        if header(&state, STEERING).as_deref() == cluster {
             return headers;
         }
     }
-    panic!("no user of {USERS} is routed to {cluster}");
+    panic!("no user of {USERS} is routed to {cluster:?}");
 }
 
 const OK: Answer = Answer::Response {
@@ -304,7 +305,7 @@ fn expect(state: &StreamState, name: &str, value: Option<&str>, path: &str) {
 /// Every path of the table, counted.
 pub fn paths() -> Vec<Row> {
     count_log_lines();
-    let stable = user_routed_to("shop_v1");
+    let stable = user_routed_to(None);
     let mut rows = Vec::new();
     let mut row = |path: &str, count: Count| {
         rows.push(Row {
@@ -317,8 +318,10 @@ pub fn paths() -> Vec<Row> {
     let mut scene = Scene::new(100);
     let (count, state) = scene.serve_warm(&stable, &stable, OK);
     let path = "matched, stable, breaker closed (verdict cached), budget with tokens, no client deadline, 200 after 1 attempt";
-    expect(&state, STEERING, Some("shop_v1"), path);
-    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
+    // Stable is the route table's default and the route's retry policy
+    // stands: nothing written.
+    expect(&state, STEERING, None, path);
+    expect(&state, MAX_RETRIES_HEADER, None, path);
     assert_eq!(count.log_lines, 0, "{path}");
     row(path, count);
 
@@ -328,7 +331,7 @@ pub fn paths() -> Vec<Row> {
     scene.advance(BREAKER_CACHE_MS);
     let (count, state) = scene.serve(&stable, OK);
     let path = "the same, first request after the cached breaker verdict expired (at most once per BREAKER_CACHE_MS = 100 ms)";
-    expect(&state, STEERING, Some("shop_v1"), path);
+    expect(&state, STEERING, None, path);
     row(path, count);
 
     // Canary by rule; the canary breaker's verdict cached by a first one.
@@ -352,7 +355,7 @@ pub fn paths() -> Vec<Row> {
         },
     );
     let path = "retry granted and used: 200 after 2 attempts (not a clean success: breaker written at once)";
-    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
+    expect(&state, MAX_RETRIES_HEADER, None, path);
     row(path, count);
 
     // Retry denied: the budget drained by requests that used their retries
@@ -381,7 +384,7 @@ pub fn paths() -> Vec<Row> {
     }
     let (count, state) = denied.expect("the retry budget never ran dry");
     let path = "retry denied: the budget is empty (x-envoy-max-retries: 0), 200";
-    expect(&state, STEERING, Some("shop_v1"), path);
+    expect(&state, STEERING, None, path);
     row(path, count);
 
     // Client deadlines.
@@ -400,9 +403,9 @@ pub fn paths() -> Vec<Row> {
         &with(stable.clone(), GRPC_TIMEOUT_HEADER, "3S"),
         OK,
     );
-    let path = "client deadline `grpc-timeout: 3S` (no cut: 2 retries, timeout 3000 ms), 200";
+    let path = "client deadline `grpc-timeout: 3S` (no cut: the route's 2 retries stand, timeout lowered to 3000 ms), 200";
     expect(&state, TIMEOUT_HEADER, Some("3000"), path);
-    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
+    expect(&state, MAX_RETRIES_HEADER, None, path);
     row(path, count);
 
     // A client's own retry header: removed (one call) or overwritten (none).
@@ -467,8 +470,8 @@ pub fn paths() -> Vec<Row> {
     // Steering header forged by the client.
     let mut scene = Scene::new(100);
     let (count, state) = scene.serve_warm(&stable, &with(stable.clone(), STEERING, "shop_v2"), OK);
-    let path = "forged steering header `x-sluice-cluster: shop_v2`, matched (overwritten with the chosen cluster)";
-    expect(&state, STEERING, Some("shop_v1"), path);
+    let path = "forged steering header `x-sluice-cluster: shop_v2`, matched, kept on stable (removed: the default route is stable)";
+    expect(&state, STEERING, None, path);
     row(path, count);
     let unmatched: Vec<(String, String)> = stable
         .iter()
@@ -499,8 +502,8 @@ pub fn paths() -> Vec<Row> {
             trailers_only: false,
         },
     );
-    let path = "gRPC OK in the trailers (attempts at the response headers, `response.grpc_status` at the log, no flags)";
-    expect(&state, STEERING, Some("shop_v1"), path);
+    let path = "gRPC OK in the trailers (attempts with the response headers, `response.grpc_status` at the log, no flags)";
+    expect(&state, STEERING, None, path);
     row(path, count);
     let (count, _) = scene.serve_warm(
         &grpc,
@@ -511,35 +514,13 @@ pub fn paths() -> Vec<Row> {
         },
     );
     row(
-        "gRPC trailers-only UNAVAILABLE (the code in the one header read, the attempts from the property; the failure written to the breaker at once)",
+        "gRPC trailers-only UNAVAILABLE (the code and the attempts in the one header read; the failure written to the breaker at once)",
         count,
     );
 
-    // The service declares `attempt_count_in_response` and its route sets
-    // Envoy's `include_attempt_count_in_response`.
-    let config = attempt_header_config();
-    let mut scene = Scene::with_config(100, &config, true);
-    let (count, state) = scene.serve_warm(&stable, &stable, OK);
-    let path = "with `attempt_count_in_response` (route writes `x-envoy-attempt-count`): the common path, 200 after 1 attempt";
-    expect(&state, STEERING, Some("shop_v1"), path);
-    assert_eq!(
-        count.response, 1,
-        "{path}: one read at the response headers"
-    );
-    assert_eq!(count.end, 0, "{path}: nothing at the log");
-    row(path, count);
-    let (count, _) = scene.serve_warm(
-        &grpc,
-        &grpc,
-        Answer::Grpc {
-            code: 0,
-            trailers_only: false,
-        },
-    );
-    row(
-        "with `attempt_count_in_response`: gRPC OK in the trailers",
-        count,
-    );
+    // gRPC trailers-only OK: everything in the one header read (a fresh
+    // VM: the failure above keeps the breaker uncached).
+    let mut scene = Scene::new(100);
     let (count, _) = scene.serve_warm(
         &grpc,
         &grpc,
@@ -549,9 +530,50 @@ pub fn paths() -> Vec<Row> {
         },
     );
     row(
-        "with `attempt_count_in_response`: gRPC trailers-only OK (everything in the one header read)",
+        "gRPC trailers-only OK (everything in the one header read)",
         count,
     );
+
+    // Variants of the common path, one lever off at a time.
+    let config = variant(|service| {
+        service.insert("stable_by_default".to_string(), false.into());
+    });
+    let mut scene = Scene::with_config(100, &config, true);
+    let (count, state) = scene.serve_warm(&stable, &stable, OK);
+    let path = "variant `stable_by_default: false` (the steering header written for stable too): the common path";
+    expect(&state, STEERING, Some("shop_v1"), path);
+    row(path, count);
+    let config = variant(|service| {
+        service.remove("attempt_count_in_response");
+    });
+    let mut scene = Scene::with_config(100, &config, false);
+    let (count, _) = scene.serve_warm(&stable, &stable, OK);
+    row(
+        "variant without `attempt_count_in_response` (the attempts from the property): the common path",
+        count,
+    );
+    let config = variant(|service| {
+        if let Some(retry) = service.get_mut("retry").and_then(|r| r.as_object_mut()) {
+            retry.insert("mode".to_string(), "headers".into());
+        }
+    });
+    let mut scene = Scene::with_config(100, &config, true);
+    let (count, state) = scene.serve_warm(&stable, &stable, OK);
+    let path = "variant `retry.mode: \"headers\"` (the retry policy written on every request): the common path";
+    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
+    row(path, count);
+    let steering_user = {
+        let mut scene = Scene::with_config(0, HEADERS_CONFIG, false);
+        let (_, state) = scene.serve(&stable, OK);
+        assert_eq!(header(&state, STEERING).as_deref(), Some("shop_v1"));
+        stable.clone()
+    };
+    let mut scene = Scene::with_config(100, HEADERS_CONFIG, false);
+    let (count, state) = scene.serve_warm(&steering_user, &steering_user, OK);
+    let path = "the config before issue 13 (`benches/config/sluice-headers.json`: headers mode, steering written for stable, attempts from the property): the common path";
+    expect(&state, STEERING, Some("shop_v1"), path);
+    expect(&state, MAX_RETRIES_HEADER, Some("2"), path);
+    row(path, count);
 
     rows
 }
@@ -655,23 +677,26 @@ pub fn report() -> String {
         mean.total(),
     );
     md.push_str(
-        "\nThe same workload counted in wasmtime on `sluice.wasm` (`wasmtime-crossings.md`, \
-         host calls module → host) gives the same split: 10.02, 2.00, 0.00 and 0.072 for the \
-         ticks, 12.09 in all.\n\n\
-         Reading the rows: the common path is one pairs read, one clock read, one budget \
-         update (read + write, the worker's held settlements riding along) and five header \
-         replaces (the steering header and four retry headers) and one `clear_route_cache` \
-         at the request headers; one read of the response headers (`:status`) and the \
-         attempt count at the response headers; nothing at the log (a 2xx is a success \
-         without the response flags). With `attempt_count_in_response` the attempts come \
-         from the response headers too: one call at the response headers. The flags are read \
-         only when no status came (or one neither 2xx nor failing), and for gRPC after a code \
-         that is neither OK nor failing, or none. A trailers-only gRPC answer's code comes \
-         with the response headers; a code in the trailers is `response.grpc_status` at the \
-         log, and then the response headers are read only for the attempts, with the key. \
-         A canary request reads the clock at the log only when its service has a rollout \
-         (the gate books it). A request with no response headers reads the clock \
-         twice at the log (its duration, then the breaker write).\n",
+        "\nThe same workload counted in wasmtime on `sluice.wasm` is in `wasmtime-crossings.md` \
+         (its host-call rows, module → host, split by callback as here).\n\n\
+         Reading the rows: the common path is one read of every request header and one clock \
+         read at the request headers, and nothing else there: stable is the route table's \
+         default (`stable_by_default`), so no steering header is written and no route \
+         re-selected; the route's retry policy stands (`retry.mode: \"route\"`), so no retry \
+         header is written; the retries come from the worker's lease on the budget (its \
+         renewal, about once a second, and the deposits and held settlements written on the \
+         tick are in the ticks column). At the response headers one read of every response \
+         header gives the status and the router's `x-envoy-attempt-count` \
+         (`attempt_count_in_response`); nothing at the log (a 2xx is a success without the \
+         response flags). The flags are read only when no status came, or one neither 2xx \
+         nor failing, and for gRPC after a code that is neither OK nor failing, or none. A \
+         trailers-only gRPC answer's code comes with the response headers; a code in the \
+         trailers is `response.grpc_status` at the log. A canary request writes the steering \
+         header and clears the route cache; it reads the clock at the log only when its \
+         service has a rollout (the gate books it). A request with no response headers reads \
+         the clock twice at the log (its duration, then the breaker write). The variant rows \
+         turn one lever off at a time, and the last row is the config this file measured \
+         before (`benches/config/sluice-headers.json`), on today's engine.\n",
     );
     md
 }
