@@ -29,8 +29,9 @@ pub enum Setup {
     SluiceSplit,
     /// Sluice with rules and breakers but no retry block.
     SluiceNoRetry,
-    /// The host-call probe making exactly Sluice's host calls per request,
-    /// with fixed values and no policy: what any proxy-wasm filter asking
+    /// The host-call probe making exactly Sluice's host calls per request
+    /// on its common path (kind `sluicelean`), with fixed values and no
+    /// policy: what any proxy-wasm filter asking
     /// Envoy for the same things pays, so Sluice minus this is its own code.
     SluiceCalls,
     /// Sluice with the realistic config, from another build
@@ -101,7 +102,7 @@ impl Setup {
             Setup::SluiceSplit => "Sluice with the sticky 10 % split only (no rules, retry, breakers)",
             Setup::SluiceNoRetry => "Sluice with rules and breakers, no retry block",
             Setup::SluiceCalls => {
-                "Sluice's host calls and nothing else (the probe module): the floor for what Sluice asks of Envoy"
+                "Sluice's host calls on its common path and nothing else (the probe module, kind sluicelean: request header pairs and the clock, response header pairs): the floor for what Sluice asks of Envoy"
             }
             Setup::SluiceBaseline => {
                 "Sluice from the build at $SLUICE_BASELINE_WASM, with the config at $SLUICE_BASELINE_CONFIG (default: the realistic one): the A/B of a change"
@@ -531,7 +532,7 @@ pub fn proxy_yaml(setup: Setup, inputs: &Inputs<'_>) -> String {
             steering_routes(),
         ),
         Setup::SluiceCalls => (
-            wasm_filter("probe", "probe", inputs.probe_wasm, "sluice"),
+            wasm_filter("probe", "probe", inputs.probe_wasm, "sluicelean"),
             steering_routes(),
         ),
         Setup::Native => (String::new(), native_routes()),
