@@ -458,6 +458,24 @@ impl Envoy {
         self.wasm_metric(name)
     }
 
+    /// `settled_wasm_metric`, 0 when the filter has not defined it; panics
+    /// when the admin endpoint cannot be read (a test's proxy must answer).
+    pub fn settled_metric(&self, name: &str) -> u64 {
+        match self.settled_wasm_metric(name) {
+            Ok(value) => value.unwrap_or(0),
+            Err(e) => panic!("reading {name} from the admin endpoint: {e}"),
+        }
+    }
+
+    /// `stat`, 0 when Envoy has no stat by that name; panics when the admin
+    /// endpoint cannot be read.
+    pub fn stat_value(&self, name: &str) -> u64 {
+        match self.stat(name) {
+            Ok(value) => value.unwrap_or(0),
+            Err(e) => panic!("reading {name} from the admin endpoint: {e}"),
+        }
+    }
+
     /// Admin `/stats/prometheus`, parsed: Sluice's metrics appear without
     /// the `wasmcustom.` prefix, as `sluice_*`, labelled by the bootstrap's
     /// `stats_config` tag extractors.

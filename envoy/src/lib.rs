@@ -46,6 +46,14 @@ pub use config::{EnvoyConfig, Fallback};
 pub use envoy::{Envoy, EnvoyError, EnvoyOptions};
 pub use upstream::{RecordedRequest, Upstream};
 
+/// Seconds since the Unix epoch by this machine's clock (the budget's
+/// slots are per wall-clock second); 0 if the clock is before 1970.
+pub fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
 /// The workspace root (the parent of this crate's directory).
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -16,7 +16,7 @@
     clippy::indexing_slicing
 )]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_envoy::envoy::EnvoyOptions;
@@ -64,21 +64,7 @@ fn access_lines(envoy: &Envoy) -> Vec<String> {
 }
 
 fn metric(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .settled_wasm_metric(&format!("sluice.echo.{name}"))
-        .unwrap()
-        .unwrap_or(0)
-}
-
-fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stat(name).unwrap().unwrap_or(0)
-}
-
-fn unix_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    envoy.settled_metric(&format!("sluice.echo.{name}"))
 }
 
 /// What Envoy reports for each way a gRPC call ends, as Sluice reads it
@@ -369,7 +355,7 @@ fn grpc_retries_hide_a_tenth_of_unavailable_answers() {
         .copied()
         .unwrap_or(0);
     let client_failures = u64::from(calls) - count(&summary, "OK");
-    let retries = stat(&envoy, "cluster.echo_v2.upstream_rq_retry");
+    let retries = envoy.stat_value("cluster.echo_v2.upstream_rq_retry");
     eprintln!(
         "gRPC retries at 10% UNAVAILABLE: {calls} calls, {attempts} attempts \
          ({failed_attempts} UNAVAILABLE, {retries} retries), client saw {client_failures} failures: \
@@ -398,7 +384,7 @@ fn a_grpc_outage_stays_within_the_retry_budget() {
         &service(json!({"retry": retry(json!({"ratio": 0.1, "min_per_s": 1, "window_s": 10}))})),
         &[("echo_v1", stable.port())],
     );
-    let first_second = unix_s();
+    let first_second = sluice_envoy::unix_s();
     let calls = 600;
     let summary = run_client(
         envoy.port(),
@@ -407,7 +393,7 @@ fn a_grpc_outage_stays_within_the_retry_budget() {
             ..Calls::new(calls)
         },
     );
-    let spanned = unix_s() - first_second + 1;
+    let spanned = sluice_envoy::unix_s() - first_second + 1;
     let attempts = stable.calls();
     let retries = attempts - u64::from(calls);
     let allowed = u64::from(calls) / 10 + (spanned - 1 + 10) + 10;
@@ -488,7 +474,7 @@ fn a_grpc_deadline_ends_the_call_near_200ms_without_retries() {
         "gRPC deadline 200 ms: client saw {}, durations {ms:?} ms, upstream attempts {}, retries {}; Envoy's timeout won {envoy_won} of {calls} races; Envoy logged e.g. {:?}",
         summary["codes"],
         slow.calls(),
-        stat(&envoy, "cluster.echo_v1.upstream_rq_retry"),
+        envoy.stat_value("cluster.echo_v1.upstream_rq_retry"),
         lines.first()
     );
     // Envoy's timer never beats the client's: every call is the client's
@@ -501,7 +487,7 @@ fn a_grpc_deadline_ends_the_call_near_200ms_without_retries() {
     );
     assert!(ms.iter().all(|&ms| (190.0..400.0).contains(&ms)), "{ms:?}");
     assert_eq!(slow.calls(), u64::from(calls), "one attempt per call");
-    assert_eq!(stat(&envoy, "cluster.echo_v1.upstream_rq_retry"), 0);
+    assert_eq!(envoy.stat_value("cluster.echo_v1.upstream_rq_retry"), 0);
     // Every one of them failed for the breaker: the tenth in a row trips it.
     assert_eq!(metric(&envoy, "breaker.stable.trips"), 1);
 }

@@ -29,7 +29,7 @@
     clippy::indexing_slicing
 )]
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_envoy::envoy::EnvoyOptions;
@@ -140,21 +140,7 @@ fn yaml_with(sluice: &Value, upstream: &Upstream, attempt_count_in_response: boo
 }
 
 fn metric(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .settled_wasm_metric(&format!("sluice.shop.retry.{name}"))
-        .unwrap()
-        .unwrap_or(0)
-}
-
-fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stat(name).unwrap().unwrap_or(0)
-}
-
-fn unix_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    envoy.settled_metric(&format!("sluice.shop.retry.{name}"))
 }
 
 /// `clients` keep-alive connections send GETs with `headers` for `duration`;
@@ -189,7 +175,7 @@ fn an_outage_stays_within_the_budget_though_clients_ask_for_10_retries() {
     let upstream = Upstream::start("down").unwrap();
     upstream.set_fail_all(true);
     upstream.set_record_limit(0);
-    let created_second = unix_s();
+    let created_second = sluice_envoy::unix_s();
     let envoy = start(&shop(example_retry()), &upstream);
     // Control: where Sluice does not route (a host no service matches),
     // Envoy obeys the client's headers (three retries here), so the test
@@ -223,23 +209,26 @@ fn an_outage_stays_within_the_budget_though_clients_ask_for_10_retries() {
     upstream.reset_counters();
     envoy.admin_request("POST", "/reset_counters").unwrap();
     // The budget is fresh: nothing deposited or charged before this second.
-    let first_second = unix_s();
+    let first_second = sluice_envoy::unix_s();
     let began = Instant::now();
     let statuses = load(&envoy, 8, Duration::from_secs(3), GREEDY);
     let elapsed = began.elapsed();
-    let last_second = unix_s();
+    let last_second = sluice_envoy::unix_s();
 
     let requests = statuses.len() as u64;
     let attempts = upstream.requests();
     let retries = attempts - requests;
     assert!(statuses.iter().all(|&status| status == 503));
     assert_eq!(
-        stat(&envoy, "http.ingress_http.downstream_rq_total"),
+        envoy.stat_value("http.ingress_http.downstream_rq_total"),
         requests
     );
-    assert_eq!(stat(&envoy, "cluster.shop_v1.upstream_rq_retry"), retries);
     assert_eq!(
-        stat(&envoy, "cluster.shop_v1.upstream_rq_retry_overflow"),
+        envoy.stat_value("cluster.shop_v1.upstream_rq_retry"),
+        retries
+    );
+    assert_eq!(
+        envoy.stat_value("cluster.shop_v1.upstream_rq_retry_overflow"),
         0,
         "Envoy's circuit breaker must not be what limits retries"
     );
@@ -321,7 +310,7 @@ fn rare_failures_get_their_retries() {
         "every failure gets its retries"
     );
     assert_eq!(
-        stat(&envoy, "cluster.shop_v1.upstream_rq_retry"),
+        envoy.stat_value("cluster.shop_v1.upstream_rq_retry"),
         attempts - requests
     );
 }
@@ -447,7 +436,7 @@ fn the_attempt_count_is_final_when_the_response_headers_arrive() {
         attempts - after_healthy >= 39,
         "one retry each in the last phase"
     );
-    assert_eq!(stat(&envoy, "cluster.shop_v1.upstream_rq_retry"), used);
+    assert_eq!(envoy.stat_value("cluster.shop_v1.upstream_rq_retry"), used);
     assert_eq!(metric(&envoy, "granted"), 120);
     assert_eq!(metric(&envoy, "denied"), 0);
 
@@ -504,7 +493,7 @@ fn charged_with_forged_attempt_count(key: bool, route_writes: bool) -> (u64, u64
                 .to_string(),
         );
     }
-    let used = stat(&envoy, "cluster.shop_v1.upstream_rq_retry");
+    let used = envoy.stat_value("cluster.shop_v1.upstream_rq_retry");
     assert!(used >= 19, "a retry each after the first: {used}");
     let expected = 600 - used;
     let deadline = Instant::now() + Duration::from_secs(4);

@@ -25,7 +25,7 @@
 )]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_envoy::envoy::EnvoyOptions;
@@ -85,21 +85,7 @@ fn start_example(stable: &Upstream, canary: &Upstream) -> Envoy {
 }
 
 fn metric(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .settled_wasm_metric(&format!("sluice.shop.retry.{name}"))
-        .unwrap()
-        .unwrap_or(0)
-}
-
-fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stat(name).unwrap().unwrap_or(0)
-}
-
-fn unix_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    envoy.settled_metric(&format!("sluice.shop.retry.{name}"))
 }
 
 /// Every user is on stable: the canary takes 10 % of sticky users, and these
@@ -127,7 +113,7 @@ fn an_outage_stays_within_the_budget_in_route_mode() {
     let stable = Upstream::start("down").unwrap();
     let canary = Upstream::start("canary").unwrap();
     stable.set_record_limit(0);
-    let created_second = unix_s();
+    let created_second = sluice_envoy::unix_s();
     let envoy = start_example(&stable, &canary);
     let user = stable_user(&envoy, &canary);
     // The requests that found a stable user were deposited in the budget
@@ -136,7 +122,7 @@ fn an_outage_stays_within_the_budget_in_route_mode() {
     stable.set_fail_all(true);
     stable.reset_counters();
     envoy.admin_request("POST", "/reset_counters").unwrap();
-    let first_second = unix_s();
+    let first_second = sluice_envoy::unix_s();
     let began = Instant::now();
     let until = began + Duration::from_secs(3);
     let mut headers: Vec<(&str, &str)> = GREEDY.to_vec();
@@ -163,13 +149,16 @@ fn an_outage_stays_within_the_budget_in_route_mode() {
             .collect()
     });
     let elapsed = began.elapsed();
-    let last_second = unix_s();
+    let last_second = sluice_envoy::unix_s();
     let requests = statuses.len() as u64;
     let attempts = stable.requests();
     let retries = attempts - requests;
     assert!(statuses.iter().all(|&status| status == 503));
     assert_eq!(canary.requests(), 0);
-    assert_eq!(stat(&envoy, "cluster.shop_v1.upstream_rq_retry"), retries);
+    assert_eq!(
+        envoy.stat_value("cluster.shop_v1.upstream_rq_retry"),
+        retries
+    );
     // The bound of envoy/tests/retry.rs over every request the budget saw:
     // the outage's and the few of `stable_user` before it.
     let spanned = last_second - first_second + 1;

@@ -102,10 +102,6 @@ fn start(ports: &[u16]) -> Envoy {
     Envoy::start_yaml(&yaml, &EnvoyOptions::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stat(name).unwrap().unwrap_or(0)
-}
-
 /// A port nothing listens on: bound, then released.
 fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -194,7 +190,7 @@ fn a_post_answered_503_after_its_effect_is_written_once_and_safe_requests_are_re
         .settled_wasm_metric("sluice.shop.retry.withheld_unsafe")
         .unwrap()
         .unwrap_or(0);
-    let retries = stat(&envoy, "cluster.shop_v1.upstream_rq_retry");
+    let retries = envoy.stat_value("cluster.shop_v1.upstream_rq_retry");
     println!(
         "upstream answering 503 after accepting each write (client forging x-envoy-max-retries: 10, x-envoy-retry-on: 5xx):"
     );
@@ -219,8 +215,8 @@ fn a_post_whose_connection_was_refused_is_retried_on_the_healthy_endpoint() {
     let counts = writes(&upstream, "order");
     assert_eq!(counts.len(), 10);
     assert!(counts.values().all(|&count| count == 1), "{counts:?}");
-    let connect_failures = stat(&envoy, "cluster.shop_v1.upstream_cx_connect_fail");
-    let retries = stat(&envoy, "cluster.shop_v1.upstream_rq_retry");
+    let connect_failures = envoy.stat_value("cluster.shop_v1.upstream_cx_connect_fail");
+    let retries = envoy.stat_value("cluster.shop_v1.upstream_rq_retry");
     println!(
         "10 POST, first endpoint refusing connections: 10 x 200, {} writes, {connect_failures} connect failures, {retries} retries",
         counts.values().sum::<u64>()
