@@ -61,6 +61,20 @@ pub struct EnvoyConfig {
 /// The steering header Sluice uses when its config names none.
 pub const DEFAULT_STEERING_HEADER: &str = "x-sluice-cluster";
 
+/// The HTTP connection manager's `codec_type` line of a bootstrap, with
+/// the lines that make Envoy treat loopback clients as internal: it then
+/// honours their `x-envoy-*` retry and timeout headers (from an external
+/// client it strips them), as it would a mesh neighbour's. Tests that check
+/// Sluice against clients asking for more retries replace `codec_type: AUTO`
+/// with it, so that only Sluice stands between those headers and the router.
+pub const INTERNAL_CLIENTS: &str = "          codec_type: AUTO
+          use_remote_address: true
+          internal_address_config:
+            cidr_ranges:
+            - address_prefix: 127.0.0.1
+              prefix_len: 32
+";
+
 /// The shipped `stats_config` snippet (`envoy/examples/sluice-stats-tags.yaml`):
 /// tag extractors that turn Sluice's per-service metric names into labels
 /// in `/stats/prometheus`. The generated bootstrap includes it verbatim, so

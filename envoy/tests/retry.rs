@@ -32,6 +32,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sluice_envoy::config::INTERNAL_CLIENTS;
 use sluice_envoy::envoy::EnvoyOptions;
 use sluice_envoy::{Envoy, EnvoyConfig, Upstream};
 
@@ -86,15 +87,6 @@ const GREEDY: &[(&str, &str)] = &[
     ("x-envoy-upstream-rq-timeout-ms", "60000"),
     ("x-envoy-upstream-rq-per-try-timeout-ms", "60000"),
 ];
-
-/// Trust the clients' `x-envoy-*` headers (see the module documentation).
-const INTERNAL_CLIENTS: &str = "          codec_type: AUTO
-          use_remote_address: true
-          internal_address_config:
-            cidr_ranges:
-            - address_prefix: 127.0.0.1
-              prefix_len: 32
-";
 
 /// Thresholds high enough that Envoy's own circuit breaker never decides.
 const CIRCUIT_BREAKERS: &str = "    connect_timeout: 1s

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice_envoy::config::INTERNAL_CLIENTS;
 use sluice_envoy::envoy::EnvoyOptions;
 use sluice_envoy::{Envoy, EnvoyConfig, Upstream};
 
@@ -44,19 +45,10 @@ const GREEDY: &[(&str, &str)] = &[
     ("x-envoy-upstream-rq-per-try-timeout-ms", "60000"),
 ];
 
-/// Trust the clients' `x-envoy-*` headers (see the module documentation).
-const INTERNAL_CLIENTS: &str = "          codec_type: AUTO
-          use_remote_address: true
-          internal_address_config:
-            cidr_ranges:
-            - address_prefix: 127.0.0.1
-              prefix_len: 32
-";
-
-/// Replaces `from` (which must occur exactly once) with `to`.
+/// `sluice_envoy::ecds::replace_once`, failing the test when `from` is not
+/// there exactly once.
 fn replace_once(yaml: &str, from: &str, to: &str) -> String {
-    assert_eq!(yaml.matches(from).count(), 1, "expected {from:?} once");
-    yaml.replace(from, to)
+    sluice_envoy::ecds::replace_once(yaml, from, to).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The example with `stable` (and an idle canary) as its upstreams.

@@ -26,6 +26,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sluice_envoy::config::INTERNAL_CLIENTS;
 use sluice_envoy::envoy::EnvoyOptions;
 use sluice_envoy::{Envoy, EnvoyConfig, Upstream};
 
@@ -51,15 +52,6 @@ const FORGED: &[(&str, &str)] = &[
     ("x-envoy-max-retries", "10"),
     ("x-envoy-retry-on", "5xx,reset,gateway-error"),
 ];
-
-/// Trust the clients' `x-envoy-*` headers (see envoy/tests/retry.rs).
-const INTERNAL_CLIENTS: &str = "          codec_type: AUTO
-          use_remote_address: true
-          internal_address_config:
-            cidr_ranges:
-            - address_prefix: 127.0.0.1
-              prefix_len: 32
-";
 
 /// Envoy's own circuit breaker must never be what limits retries.
 const CIRCUIT_BREAKERS: &str = "    connect_timeout: 1s
