@@ -29,18 +29,28 @@ now_us() { echo "${EPOCHREALTIME/[.,]/}"; }   # bash 5: microseconds, no bc need
 secs() { printf '%d.%d' $(($1 / 1000000)) $(($1 % 1000000 / 100000)); }
 T0=$(now_us)
 
+# Free disk in MiB where the build writes. A clean run needs several GB (the
+# README's Results row gives the figure); the summary shows what each step
+# took so that a run that fails with "No space left on device" says so.
+free_mib() { df -Pm . | awk 'NR == 2 { print $4 }'; }
+FREE0=$(free_mib)
+echo "free disk at start: ${FREE0} MiB"
+FREES=()
+
 summary() {
     local rc=$?
     echo
     echo "==== timing summary ===="
+    printf '  %-34s %8s %14s\n' "step" "time" "free disk after"
     local i
     for i in "${!STEPS[@]}"; do
-        printf '  %-34s %7ss\n' "${STEPS[$i]}" "$(secs "${TIMES[$i]}")"
+        printf '  %-34s %7ss %10s MiB\n' "${STEPS[$i]}" "$(secs "${TIMES[$i]}")" "${FREES[$i]}"
     done
     if [ -n "$CURRENT" ]; then
-        printf '  %-34s  FAILED\n' "$CURRENT"
+        printf '  %-34s  FAILED %10s MiB\n' "$CURRENT" "$(free_mib)"
     fi
     printf '  %-34s %7ss\n' "total" "$(secs $(($(now_us) - T0)))"
+    printf '  disk used by the run: %s MiB\n' "$((FREE0 - $(free_mib)))"
     if [ "$rc" = 0 ]; then
         echo "scripts/test.sh: all checks passed"
     else
@@ -60,6 +70,7 @@ step() {
     "$@"
     STEPS+=("$name")
     TIMES+=($(($(now_us) - t)))
+    FREES+=("$(free_mib)")
     CURRENT=""
 }
 
