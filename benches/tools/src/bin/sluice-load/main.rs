@@ -20,6 +20,7 @@
     clippy::indexing_slicing
 )]
 
+mod callgrind;
 mod chart;
 mod setups;
 
@@ -60,6 +61,11 @@ options:
                       copy (sluice-instrument) in Envoy with wasm:trace, send N realistic requests
                       one by one, and report the crossings Envoy made per request
                       (envoy-crossings-<stamp>.md)
+  --count-instructions N
+                      instead of loading: run Envoy under valgrind's callgrind for each setup, send
+                      N/2 requests to warm up then N counted ones, one by one, and report the
+                      instructions per request, by where they ran (envoy-instructions-<stamp>.md);
+                      --rounds repeats the whole sequence (default 1 here)
   --out DIR           where the report goes (default benches/results)
   --stamp TEXT        file name stamp (default: UTC date and time)
 ";
@@ -88,6 +94,8 @@ struct Options {
     stamp: String,
     /// Count crossings in Envoy over this many requests instead of loading.
     count_crossings: Option<usize>,
+    /// Count instructions (callgrind) over this many requests instead.
+    count_instructions: Option<usize>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -106,6 +114,7 @@ fn parse_options() -> Result<Options, String> {
         out: workload::repo_root().join("benches/results"),
         stamp: utc_stamp(),
         count_crossings: None,
+        count_instructions: None,
     };
     let mut args = std::env::args().skip(1);
     let mut explicit = Vec::new();
@@ -138,6 +147,9 @@ fn parse_options() -> Result<Options, String> {
             "--count-crossings" => {
                 options.count_crossings = Some(number(value("--count-crossings")?)? as usize);
             }
+            "--count-instructions" => {
+                options.count_instructions = Some(number(value("--count-instructions")?)? as usize);
+            }
             "--pin" => options.pin = true,
             "--quick" => options.quick = true,
             "--out" => options.out = PathBuf::from(value("--out")?),
@@ -149,6 +161,10 @@ fn parse_options() -> Result<Options, String> {
             other => return Err(format!("unknown option {other}\n\n{USAGE}")),
         }
         explicit.push(arg);
+    }
+    let given = |name: &str| explicit.iter().any(|a| a == name);
+    if options.count_instructions.is_some() && !given("--rounds") {
+        options.rounds = 1;
     }
     if options.quick {
         let given = |name: &str| explicit.iter().any(|a| a == name);
@@ -1081,6 +1097,9 @@ fn run(options: &Options) -> Result<(), String> {
     if let Some(requests) = options.count_crossings {
         return count_crossings(options, ports, &raw_dir, requests, &envoy_version);
     }
+    if let Some(requests) = options.count_instructions {
+        return count_instructions(options, ports, &raw_dir, requests, &envoy_version);
+    }
 
     let script = raw_dir.join("requests.lua");
     std::fs::write(
@@ -1292,6 +1311,176 @@ fn run(options: &Options) -> Result<(), String> {
 /// from the first request to a tick after the last, divided by the requests,
 /// are the crossings Envoy made per request, ticks included (as in the
 /// wasmtime count, `benches/results/wasmtime-crossings.md`).
+/// Sends `count` realistic requests one at a time (users in turn from
+/// `first`), each of which must be answered 200.
+fn send_sequential(envoy: &Envoy, setup: Setup, first: usize, count: usize) -> Result<(), String> {
+    let mut client = Client::new(envoy.addr()).with_timeout(Duration::from_secs(30));
+    for n in first..first + count {
+        let headers = request_headers(&user(n));
+        let plain: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with(':'))
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        let response = client
+            .get(HOST, "/api/items?page=2", &plain)
+            .map_err(|e| format!("{}: request {n}: {e}", setup.name()))?;
+        if response.status != 200 {
+            return Err(format!(
+                "{}: request {n} answered {}",
+                setup.name(),
+                response.status
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `--count-instructions`: see `callgrind.rs`.
+fn count_instructions(
+    options: &Options,
+    ports: (u16, u16),
+    raw_dir: &Path,
+    requests: usize,
+    envoy_version: &str,
+) -> Result<(), String> {
+    let envoy_binary = sluice_envoy::envoy::envoy_binary().map_err(|e| e.to_string())?;
+    let wrapper = callgrind::wrapper(raw_dir, &envoy_binary)?;
+    // The harness starts whatever SLUICE_ENVOY names; this process starts
+    // nothing else after this point.
+    std::env::set_var("SLUICE_ENVOY", &wrapper);
+    let baseline_wasm = std::env::var_os("SLUICE_BASELINE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(workload::sluice_wasm);
+    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
+        None => REALISTIC_CONFIG.to_string(),
+    };
+    let (sluice_wasm, passthrough_wasm, passthrough_raw_wasm, probe_wasm) = (
+        workload::sluice_wasm(),
+        workload::passthrough_wasm(),
+        workload::passthrough_raw_wasm(),
+        workload::probe_wasm(),
+    );
+    let inputs = Inputs {
+        sluice_wasm: &sluice_wasm,
+        baseline_wasm: &baseline_wasm,
+        passthrough_wasm: &passthrough_wasm,
+        passthrough_raw_wasm: &passthrough_raw_wasm,
+        probe_wasm: &probe_wasm,
+        sluice_config: REALISTIC_CONFIG,
+        baseline_config: &baseline_config,
+        headers_config: HEADERS_CONFIG,
+        upstream_ports: ports,
+    };
+    let envoy_options = EnvoyOptions {
+        concurrency: 1,
+        // V8 compiles each module under valgrind: about a minute for Sluice.
+        ready_timeout: Duration::from_secs(600),
+        ..EnvoyOptions::default()
+    };
+    let warmup = (requests / 2).max(1);
+    let mut rows: BTreeMap<&'static str, Vec<callgrind::PerRequest>> = BTreeMap::new();
+    for round in 1..=options.rounds {
+        for &setup in &options.setups {
+            let yaml = setups::proxy_yaml(setup, &inputs);
+            let _ = std::fs::write(
+                raw_dir.join(format!("{}.callgrind.yaml", setup.name())),
+                &yaml,
+            );
+            eprintln!(
+                "sluice-load: round {round}: {} under callgrind: starting (slow)",
+                setup.name()
+            );
+            let envoy = Envoy::start_yaml(&yaml, &envoy_options)
+                .map_err(|e| format!("{}: {e}", setup.name()))?;
+            send_sequential(&envoy, setup, 0, warmup)?;
+            // Let V8's background tier-up of the hot functions finish.
+            std::thread::sleep(Duration::from_secs(2));
+            callgrind::control("-z", envoy.pid())?;
+            send_sequential(&envoy, setup, warmup, requests)?;
+            callgrind::control("-d", envoy.pid())?;
+            let dump = callgrind::newest_dump(raw_dir, envoy.pid())?;
+            drop(envoy);
+            let sample = callgrind::PerRequest::new(&dump, requests);
+            eprintln!(
+                "sluice-load: round {round}: {}: {:.0} instructions per request",
+                setup.name(),
+                sample.total
+            );
+            rows.entry(setup.name()).or_default().push(sample);
+        }
+    }
+    let column = |name: &str, pick: &dyn Fn(&callgrind::PerRequest) -> f64| {
+        rows.get(name).map(|samples| {
+            let mut values: Vec<f64> = samples.iter().map(pick).collect();
+            median(&mut values)
+        })
+    };
+    let total_of = |name: &str| column(name, &|sample| sample.total);
+    let generated_of = |name: &str| column(name, &|sample| sample.category("generated"));
+    let mut report = format!(
+        "# Instructions per request in Envoy (callgrind)\n\n\
+         Generated by `bash benches/load.sh --count-instructions {requests} --rounds {rounds} \
+         --setups {setups}` on {stamp}: Envoy {envoy_version} under valgrind's callgrind, one worker; \
+         for each setup a fresh Envoy, {warmup} realistic requests to warm up (V8 tiers a module's hot \
+         functions up), then the counters zeroed, {requests} requests sent one at a time on one \
+         connection, and a dump. Every thread of the proxy is counted (the main thread's timers \
+         and the modules' ticks included); the upstream and the client are not. `generated` is code \
+         in anonymous memory (the modules as V8 compiled them and V8's wrappers around each call; \
+         Envoy with no filter runs some too, so read it as differences), `envoy` the Envoy binary (Envoy, V8's \
+         runtime and builtins, the allocator), `libraries` libc and the loader. The median over the \
+         rounds; the spread is the range.\n\n\
+         | setup | instructions per request | envoy | generated | libraries | over passthrough | generated over passthrough | spread over the rounds |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        rounds = options.rounds,
+        setups = options
+            .setups
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        stamp = options.stamp,
+    );
+    let passthrough_total = total_of("passthrough");
+    let passthrough_generated = generated_of("passthrough");
+    for &setup in &options.setups {
+        let name = setup.name();
+        let Some(samples) = rows.get(name) else {
+            continue;
+        };
+        let total = total_of(name).unwrap_or(0.0);
+        let category = |key: &'static str| column(name, &|sample| sample.category(key));
+        let low = samples
+            .iter()
+            .map(|s| s.total)
+            .fold(f64::INFINITY, f64::min);
+        let high = samples.iter().map(|s| s.total).fold(0.0, f64::max);
+        let over = |value: Option<f64>, base: Option<f64>| match (value, base) {
+            (Some(value), Some(base)) => format!("{:+.0}", value - base),
+            _ => "–".to_string(),
+        };
+        let _ = writeln!(
+            report,
+            "| {name} | {total:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0}–{:.0} |",
+            category("envoy").unwrap_or(0.0),
+            category("generated").unwrap_or(0.0),
+            category("libraries").unwrap_or(0.0),
+            over(Some(total), passthrough_total),
+            over(generated_of(name), passthrough_generated),
+            low,
+            high,
+        );
+    }
+    let path = options
+        .out
+        .join(format!("envoy-instructions-{}.md", options.stamp));
+    std::fs::write(&path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("{report}\n(written to {})", path.display());
+    Ok(())
+}
+
 fn count_crossings(
     options: &Options,
     ports: (u16, u16),
@@ -1376,25 +1565,7 @@ fn count_crossings(
             Envoy::start_yaml(&yaml, &trace).map_err(|e| format!("{}: {e}", setup.name()))?;
         std::thread::sleep(Duration::from_millis(600));
         let before = marked(&envoy.log()).len();
-        let mut client = Client::new(envoy.addr()).with_timeout(Duration::from_secs(5));
-        for n in 0..requests {
-            let headers = request_headers(&user(n));
-            let plain: Vec<(&str, &str)> = headers
-                .iter()
-                .filter(|(name, _)| !name.starts_with(':'))
-                .map(|(name, value)| (name.as_str(), value.as_str()))
-                .collect();
-            let response = client
-                .get(HOST, "/api/items?page=2", &plain)
-                .map_err(|e| format!("{}: request {n}: {e}", setup.name()))?;
-            if response.status != 200 {
-                return Err(format!(
-                    "{}: request {n} answered {}",
-                    setup.name(),
-                    response.status
-                ));
-            }
-        }
+        send_sequential(&envoy, setup, 0, requests)?;
         std::thread::sleep(Duration::from_millis(600));
         let messages = marked(&envoy.log());
         let counted = messages.get(before..).unwrap_or_default();
