@@ -481,6 +481,34 @@ struct Proxy {
     envoy: Envoy,
 }
 
+/// The baseline build's config: `$SLUICE_BASELINE_CONFIG` (an older build
+/// refuses keys it does not know), else the realistic one.
+fn baseline_config() -> Result<String, String> {
+    match std::env::var_os("SLUICE_BASELINE_CONFIG") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display())),
+        None => Ok(REALISTIC_CONFIG.to_string()),
+    }
+}
+
+/// What the setups' configs are made of: the modules (Sluice, the baseline
+/// build, pass-through, raw pass-through, the probe), the baseline's config
+/// and the upstream's ports.
+fn inputs<'a>(modules: [&'a Path; 5], baseline_config: &'a str, ports: (u16, u16)) -> Inputs<'a> {
+    let [sluice_wasm, baseline_wasm, passthrough_wasm, passthrough_raw_wasm, probe_wasm] = modules;
+    Inputs {
+        sluice_wasm,
+        baseline_wasm,
+        passthrough_wasm,
+        passthrough_raw_wasm,
+        probe_wasm,
+        sluice_config: REALISTIC_CONFIG,
+        baseline_config,
+        headers_config: HEADERS_CONFIG,
+        upstream_ports: ports,
+    }
+}
+
 fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec<Proxy>, String> {
     let sluice_wasm = workload::sluice_wasm();
     let passthrough_wasm = workload::passthrough_wasm();
@@ -503,22 +531,18 @@ fn start_proxies(options: &Options, ports: (u16, u16), dir: &Path) -> Result<Vec
     if options.setups.contains(&Setup::SluiceBaseline) {
         workload::read_wasm(&baseline_wasm)?;
     }
-    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
-        None => REALISTIC_CONFIG.to_string(),
-    };
-    let inputs = Inputs {
-        sluice_wasm: &sluice_wasm,
-        baseline_wasm: &baseline_wasm,
-        passthrough_wasm: &passthrough_wasm,
-        passthrough_raw_wasm: &passthrough_raw_wasm,
-        probe_wasm: &probe_wasm,
-        sluice_config: REALISTIC_CONFIG,
-        baseline_config: &baseline_config,
-        headers_config: HEADERS_CONFIG,
-        upstream_ports: ports,
-    };
+    let baseline_config = baseline_config()?;
+    let inputs = inputs(
+        [
+            &sluice_wasm,
+            &baseline_wasm,
+            &passthrough_wasm,
+            &passthrough_raw_wasm,
+            &probe_wasm,
+        ],
+        &baseline_config,
+        ports,
+    );
     let mut proxies = Vec::new();
     for &setup in &options.setups {
         let yaml = setups::proxy_yaml(setup, &inputs);
@@ -1352,28 +1376,24 @@ fn count_instructions(
     let baseline_wasm = std::env::var_os("SLUICE_BASELINE_WASM")
         .map(PathBuf::from)
         .unwrap_or_else(workload::sluice_wasm);
-    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
-        None => REALISTIC_CONFIG.to_string(),
-    };
+    let baseline_config = baseline_config()?;
     let (sluice_wasm, passthrough_wasm, passthrough_raw_wasm, probe_wasm) = (
         workload::sluice_wasm(),
         workload::passthrough_wasm(),
         workload::passthrough_raw_wasm(),
         workload::probe_wasm(),
     );
-    let inputs = Inputs {
-        sluice_wasm: &sluice_wasm,
-        baseline_wasm: &baseline_wasm,
-        passthrough_wasm: &passthrough_wasm,
-        passthrough_raw_wasm: &passthrough_raw_wasm,
-        probe_wasm: &probe_wasm,
-        sluice_config: REALISTIC_CONFIG,
-        baseline_config: &baseline_config,
-        headers_config: HEADERS_CONFIG,
-        upstream_ports: ports,
-    };
+    let inputs = inputs(
+        [
+            &sluice_wasm,
+            &baseline_wasm,
+            &passthrough_wasm,
+            &passthrough_raw_wasm,
+            &probe_wasm,
+        ],
+        &baseline_config,
+        ports,
+    );
     let envoy_options = EnvoyOptions {
         concurrency: 1,
         // V8 compiles each module under valgrind: about a minute for Sluice.
@@ -1499,11 +1519,7 @@ fn count_crossings(
     let baseline_wasm = std::env::var_os("SLUICE_BASELINE_WASM")
         .map(PathBuf::from)
         .unwrap_or_else(|| sluice_wasm.clone());
-    let baseline_config = match std::env::var_os("SLUICE_BASELINE_CONFIG") {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("SLUICE_BASELINE_CONFIG {}: {e}", Path::new(&path).display()))?,
-        None => REALISTIC_CONFIG.to_string(),
-    };
+    let baseline_config = baseline_config()?;
     let sluice = instrumented(&sluice_wasm, "sluice")?;
     let baseline = instrumented(&baseline_wasm, "baseline")?;
     let passthrough = instrumented(&workload::passthrough_wasm(), "passthrough")?;
@@ -1512,17 +1528,11 @@ fn count_crossings(
         Err(_) => passthrough.clone(),
     };
     let probe = instrumented(&workload::probe_wasm(), "probe")?;
-    let inputs = Inputs {
-        sluice_wasm: &sluice,
-        baseline_wasm: &baseline,
-        passthrough_wasm: &passthrough,
-        passthrough_raw_wasm: &passthrough_raw,
-        probe_wasm: &probe,
-        sluice_config: REALISTIC_CONFIG,
-        baseline_config: &baseline_config,
-        headers_config: HEADERS_CONFIG,
-        upstream_ports: ports,
-    };
+    let inputs = inputs(
+        [&sluice, &baseline, &passthrough, &passthrough_raw, &probe],
+        &baseline_config,
+        ports,
+    );
     let trace = EnvoyOptions {
         concurrency: 1,
         log_level: "info".to_string(),
