@@ -167,7 +167,6 @@ fn parse_options() -> Result<Options, String> {
         options.rounds = 1;
     }
     if options.quick {
-        let given = |name: &str| explicit.iter().any(|a| a == name);
         if !given("--rounds") {
             options.rounds = 1;
         }
@@ -1328,13 +1327,6 @@ fn run(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Crossings per request in a real Envoy: each Wasm setup's module is
-/// rewritten by `sluice-instrument` (every host call and callback logs
-/// `hc>name` / `cb<name` at trace level first), loaded with `wasm:trace`,
-/// and sent `requests` realistic requests one at a time. The lines logged
-/// from the first request to a tick after the last, divided by the requests,
-/// are the crossings Envoy made per request, ticks included (as in the
-/// wasmtime count, `benches/results/wasmtime-crossings.md`).
 /// Sends `count` realistic requests one at a time (users in turn from
 /// `first`), each of which must be answered 200.
 fn send_sequential(envoy: &Envoy, setup: Setup, first: usize, count: usize) -> Result<(), String> {
@@ -1501,6 +1493,13 @@ fn count_instructions(
     Ok(())
 }
 
+/// Crossings per request in a real Envoy: each Wasm setup's module is
+/// rewritten by `sluice-instrument` (every host call and callback logs
+/// `hc>name` / `cb<name` at trace level first), loaded with `wasm:trace`,
+/// and sent `requests` realistic requests one at a time. The lines logged
+/// from the first request to a tick after the last, divided by the requests,
+/// are the crossings Envoy made per request, ticks included (as in the
+/// wasmtime count, `benches/results/wasmtime-crossings.md`).
 fn count_crossings(
     options: &Options,
     ports: (u16, u16),
